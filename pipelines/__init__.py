@@ -1,0 +1,1 @@
+"""One module per pipeline; modules starting with `_` are shared helpers, not pipelines."""

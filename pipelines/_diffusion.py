@@ -1,0 +1,301 @@
+"""Shared by the diffusion pipelines: loading, schedulers, seeds, prompts, LoRAs, and the tiny
+random-weight checkpoints for CPU mode. No routes or request models live here."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runner.device import Device
+from runner.errors import BadRequest
+from runner.hub import ModelFiles
+
+MAX_LORAS = 4
+PROMPT_SLOTS = ("prompt", "prompt_2", "prompt_3")
+
+
+@dataclass
+class DiffusionModel:
+    """A loaded diffusers pipeline plus the LoRA adapters already attached to it."""
+
+    pipe: Any
+    device: Device
+    adapters: set[str] = field(default_factory=set)
+
+
+# -- loading -------------------------------------------------------------------------------
+
+def variant_if_present(folder: Path, variant: str | None) -> str | None:
+    """Ask for the fp16 files only where the snapshot has them; the dtype stays half either
+    way, so a missing variant never means serving fp32."""
+    if variant and any(folder.rglob(f"*.{variant}.safetensors")):
+        return variant
+    return None
+
+
+def finish_loading(pipe: Any, device: Device, scheduler: str | None) -> DiffusionModel:
+    set_scheduler(pipe, scheduler)
+    pipe.to(device.torch)
+    pipe.set_progress_bar_config(disable=True)
+    return DiffusionModel(pipe, device)
+
+
+def set_scheduler(pipe: Any, name: str | None) -> None:
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
+
+    config = pipe.scheduler.config
+    if name is None:
+        return
+    if name == "euler-trailing":  # what SDXL-Lightning was distilled with
+        pipe.scheduler = EulerDiscreteScheduler.from_config(config, timestep_spacing="trailing")
+    elif name == "euler-ancestral":
+        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(config)
+    elif name == "dpmpp-sde-karras":  # DPM++ SDE Karras without the torchsde dependency
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)
+    else:
+        raise ValueError(f"unknown scheduler {name!r} in models.yaml")
+
+
+# -- requests ------------------------------------------------------------------------------
+
+def seeds(seed: int | None, count: int) -> list[int]:
+    """`seed, seed+1, ...` per image; a random 32-bit seed when the client sent none."""
+    first = random.randrange(2**32) if seed is None else seed
+    return [first + i for i in range(count)]
+
+
+def generators(device: Device, image_seeds: list[int]) -> list[Any]:
+    import torch
+
+    return [torch.Generator(device.torch).manual_seed(s) for s in image_seeds]
+
+
+def prompt_kwargs(pipe: Any, prompt: str, negative: str) -> dict[str, str]:
+    """`a|b` feeds prompt and prompt_2 (SDXL's second text encoder); a model with a single
+    text encoder gets the text unsplit."""
+    import inspect
+
+    params = inspect.signature(pipe.__call__).parameters
+    slots = [s for s in PROMPT_SLOTS if s in params]
+    kwargs: dict[str, str] = {}
+    for kind, text in (("", prompt), ("negative_", negative)):
+        parts = [p.strip() for p in text.split("|")] if len(slots) > 1 else [text]
+        if len(parts) > len(slots):
+            raise BadRequest(f"this model takes at most {len(slots)} '|'-separated "
+                             f"{kind.replace('_', ' ')}prompts, got {len(parts)}")
+        for slot, part in zip(slots, parts):
+            if part or not kind:
+                kwargs[kind + slot] = part
+    return kwargs
+
+
+# -- LoRAs ---------------------------------------------------------------------------------
+
+def parse_loras(text: str) -> dict[str, float]:
+    """`{"org/adapter": weight, ...}` from the request's JSON string; 400 on anything else."""
+    from runner.hub import is_repo_id
+
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"loras is not valid JSON: {exc.msg}") from exc
+    if not isinstance(value, dict):
+        raise BadRequest('loras must be a JSON object like {"org/adapter": 1.0}')
+    if len(value) > MAX_LORAS:
+        raise BadRequest(f"at most {MAX_LORAS} LoRAs per request, got {len(value)}")
+    for name, weight in value.items():
+        if not is_repo_id(name):
+            raise BadRequest(f"LoRA {name!r} is not a model id")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                or not math.isfinite(weight) or weight < 0:
+            raise BadRequest(f"LoRA weight for {name!r} must be a non-negative number")
+    return {name: float(weight) for name, weight in value.items()}
+
+
+def adapter_name(repo: str) -> str:
+    return re.sub(r"\W", "_", repo)
+
+
+def activate_loras(model: DiffusionModel, loras: dict[str, float], files: ModelFiles) -> None:
+    """Attach requested adapters (once each, from MODEL_DIR only) and weight them for this
+    request; with none requested, attached adapters are switched off."""
+    pipe = model.pipe
+    for repo in loras:
+        if adapter_name(repo) not in model.adapters:
+            _attach(model, repo, files)
+    if loras:
+        pipe.enable_lora()
+        pipe.set_adapters([adapter_name(r) for r in loras], list(loras.values()))
+    elif model.adapters:
+        pipe.disable_lora()
+
+
+def _attach(model: DiffusionModel, repo: str, files: ModelFiles) -> None:
+    if not files.has(repo):
+        raise BadRequest(f"LoRA {repo} is not available on this runner")
+    folder = files.folder(repo)
+    weights = sorted(folder.glob("*.safetensors"))
+    name = adapter_name(repo)
+    kwargs = {"weight_name": weights[0].name} if len(weights) == 1 else {}
+    try:
+        model.pipe.load_lora_weights(folder, adapter_name=name, **kwargs)
+    except Exception as exc:  # wrong base model, corrupt file: the client's choice of LoRA
+        _drop_adapter(model.pipe, name)
+        raise BadRequest(f"LoRA {repo} does not fit this model: {exc}") from exc
+    model.adapters.add(name)
+
+
+def _drop_adapter(pipe: Any, name: str) -> None:
+    try:
+        pipe.delete_adapters(name)
+    except Exception:  # nothing was attached
+        pass
+
+
+# -- tiny checkpoints for CPU mode ---------------------------------------------------------
+# Configs measured in ../shared/notes/tiny-models-diffusion.md: a 4-block VAE keeps the real
+# latent factor of 8, so request validation (multiples of 8) is the same as on real models.
+
+TINY_VOCAB = 523
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2/CLIP order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def tiny_tokenizer(pad_token: str = "<|endoftext|>") -> Any:
+    """A CLIP BPE tokenizer over the byte alphabet plus a few merges, eos as the highest id."""
+    from transformers import CLIPTokenizer
+
+    chars = _byte_alphabet()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    merges = ["t h", "th e</w>", "a n", "an d</w>", "c a", "ca t</w>"]
+    for merge in merges:
+        vocab.setdefault(merge.replace(" ", ""), len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=77, pad_token=pad_token)
+
+
+def tiny_text_encoder(projection: bool = False) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=TINY_VOCAB, max_position_embeddings=77, hidden_act="gelu", projection_dim=32,
+        layer_norm_eps=1e-5, bos_token_id=TINY_VOCAB - 2, eos_token_id=TINY_VOCAB - 1,
+        pad_token_id=TINY_VOCAB - 1,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def tiny_vae(scaling_factor: float) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[32, 32, 64, 64], down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=1,
+        sample_size=64, scaling_factor=scaling_factor,
+    )
+
+
+def tiny_sdxl_unet() -> Any:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+    )
+
+
+def tiny_sd_unet(in_channels: int = 4) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32,
+        in_channels=in_channels, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+
+
+def sd_scheduler_config() -> dict[str, Any]:
+    return dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                steps_offset=1)
+
+
+def tiny_sdxl_pipeline() -> Any:
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    torch.manual_seed(0)
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(0.13025), text_encoder=tiny_text_encoder(),
+        text_encoder_2=tiny_text_encoder(projection=True), tokenizer=tiny_tokenizer(),
+        tokenizer_2=tiny_tokenizer(pad_token="!"), unet=tiny_sdxl_unet(),
+        scheduler=EulerDiscreteScheduler(**sd_scheduler_config(), prediction_type="epsilon"),
+        image_encoder=None, feature_extractor=None,
+    )
+
+
+def tiny_sd_pipeline() -> Any:
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(0)
+    return StableDiffusionPipeline(
+        vae=tiny_vae(0.18215), text_encoder=tiny_text_encoder(), tokenizer=tiny_tokenizer(),
+        unet=tiny_sd_unet(), scheduler=PNDMScheduler(**sd_scheduler_config(),
+                                                     skip_prk_steps=True),
+        safety_checker=None, feature_extractor=None, image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_pipeline(pipe: Any, folder: Path) -> None:
+    """save_pretrained, with the PIL image-processor fallback renamed to the class real
+    checkpoints name, so the folder loads anywhere."""
+    pipe.save_pretrained(folder)
+    index = folder / "model_index.json"
+    index.write_text(index.read_text().replace("CLIPImageProcessorPil", "CLIPImageProcessor"))
+
+
+def write_tiny_lora(pipe: Any, folder: Path, rank: int = 4) -> None:
+    """A random LoRA for `pipe`'s UNet in the layout of hub LoRA repos."""
+    import torch
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(1)
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    pipe.unet.add_adapter(config, adapter_name="tiny")
+    layers = get_peft_model_state_dict(pipe.unet, adapter_name="tiny")
+    type(pipe).save_lora_weights(folder, unet_lora_layers=layers)
+    pipe.unet.delete_adapters("tiny")

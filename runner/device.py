@@ -1,0 +1,46 @@
+"""Which device models run on, and at which dtype."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+
+@dataclass(frozen=True)
+class Device:
+    type: str  # "cuda" or "cpu"
+    index: int = 0
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.type == "cuda"
+
+    @cached_property
+    def torch(self):
+        import torch
+
+        return torch.device(self.type, self.index) if self.is_cuda else torch.device("cpu")
+
+    def dtype(self, name: str):
+        """The serving dtype: the entry's half precision on CUDA, float32 on CPU, where half
+        precision is slower and some kernels are missing."""
+        import torch
+
+        return getattr(torch, name) if self.is_cuda else torch.float32
+
+
+def resolve(requested: str) -> Device:
+    """NVML decides `auto` without importing torch, so the port binds at once; a GPU whose
+    CUDA is broken then fails the warm-up and /health says ERROR."""
+    from runner.hardware import gpu_count
+
+    if requested == "cpu" or (requested == "auto" and gpu_count() == 0):
+        return Device("cpu")
+    return Device("cuda")
+
+
+def configure_for_tiny() -> None:
+    """One torch thread: on 2 shared cores the default makes tiny models 10-40x slower."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -1,0 +1,97 @@
+"""Worker threads for inference: the event loop never runs a model.
+
+Each model has a lane: at most `max_concurrency` runs at once, at most `max_queue` more waiting;
+past that the request is refused at once with 503 and a Retry-After estimated from recent
+service times, instead of piling up until go-livepeer's timeouts fire.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+
+from runner import metrics
+from runner.errors import InferenceError, RunnerError, Unavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class Lane:
+    key: str
+    concurrency: int
+    limiter: anyio.Semaphore = field(init=False)
+    pending: int = 0  # admitted: waiting or running
+    mean_seconds: float = 1.0  # exponential average of service time
+
+    def __post_init__(self) -> None:
+        self.limiter = anyio.Semaphore(self.concurrency)
+
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self.mean_seconds * self.pending / self.concurrency))
+
+    def record(self, seconds: float) -> None:
+        self.mean_seconds = 0.8 * self.mean_seconds + 0.2 * seconds
+
+
+class Executor:
+    def __init__(self, max_queue: int, threads: int = 8):
+        self.max_queue = max_queue
+        self._lanes: dict[str, Lane] = {}
+        self._threads = anyio.CapacityLimiter(threads)
+
+    @asynccontextmanager
+    async def admit(self, key: str, concurrency: int) -> AsyncIterator[Lane]:
+        lane = self._lanes.setdefault(key, Lane(key, concurrency))
+        if lane.pending >= lane.concurrency + self.max_queue:
+            metrics.REJECTED.labels(key, "queue_full").inc()
+            raise Unavailable(f"{key} has {lane.pending} requests queued; retry later",
+                              retry_after=lane.retry_after())
+        lane.pending += 1
+        metrics.QUEUE_DEPTH.labels(key).set(lane.pending)
+        try:
+            yield lane
+        finally:
+            lane.pending -= 1
+            metrics.QUEUE_DEPTH.labels(key).set(lane.pending)
+
+    async def run(self, lane: Lane, fn: Callable[..., T], *args: Any) -> T:
+        queued = time.monotonic()
+        async with lane.limiter:
+            started = time.monotonic()
+            metrics.QUEUE_WAIT_SECONDS.labels(lane.key).observe(started - queued)
+            try:
+                return await anyio.to_thread.run_sync(fn, *args, limiter=self._threads)
+            except RunnerError:
+                raise
+            except Exception as exc:
+                raise as_inference_error(exc) from exc
+            finally:
+                lane.record(time.monotonic() - started)
+
+
+def as_inference_error(exc: BaseException) -> InferenceError:
+    """Model failures become 500s; a CUDA OOM frees what it can first."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        free_device_memory()
+        return InferenceError("GPU out of memory while running the model; retry or lower the "
+                              "request size")
+    return InferenceError(f"inference failed: {type(exc).__name__}")
+
+
+def free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

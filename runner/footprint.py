@@ -1,0 +1,90 @@
+"""How many bytes a model takes: estimated from safetensors headers before loading (no weights
+read), measured from the loaded modules after."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+from runner.hub import ModelFiles
+from runner.registry import ModelEntry
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+FLOATS = {"F64", "F32", "F16", "BF16"}
+
+
+def safetensors_bytes(path: Path, float_bytes: int) -> int:
+    """Bytes of every tensor in the file once floats are cast to `float_bytes` each."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    total = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        itemsize = float_bytes if info["dtype"] in FLOATS else DTYPE_BYTES.get(info["dtype"], 4)
+        total += math.prod(info["shape"]) * itemsize
+    return total
+
+
+def weight_files(folder: Path, variant: str | None) -> list[Path]:
+    """The safetensors files a loader would read: the variant's where a folder has them."""
+    chosen = []
+    for directory in {p.parent for p in folder.rglob("*.safetensors")}:
+        files = sorted(directory.glob("*.safetensors"))
+        preferred = [p for p in files if variant and f".{variant}." in p.name]
+        chosen += preferred or [p for p in files if not _is_variant(p)]
+    return chosen
+
+
+def _is_variant(path: Path) -> bool:
+    return len(path.name.split(".")) > 2
+
+
+def estimate(entry: ModelEntry, files: ModelFiles, float_bytes: int) -> int:
+    total = 0
+    for source in entry.sources():
+        if source.file:
+            paths = [files.file(source.repo, source.file, source.revision)]
+        else:
+            paths = weight_files(files.folder(source.repo, source.revision), entry.variant)
+        total += sum(safetensors_bytes(p, float_bytes) for p in paths if p.suffix == ".safetensors")
+    return total
+
+
+def measure(model: Any) -> int:
+    """Bytes of the parameters and buffers reachable from `model` (a module, a diffusers
+    pipeline, or a plain object holding them), each tensor counted once."""
+    import torch
+
+    seen_objects: set[int] = set()
+    seen_tensors: set[int] = set()
+    total = 0
+
+    def visit(obj: Any, depth: int) -> None:
+        nonlocal total
+        if depth > 4 or id(obj) in seen_objects or isinstance(obj, (str, bytes, int, float)):
+            return
+        seen_objects.add(id(obj))
+        if isinstance(obj, torch.nn.Module):
+            for t in chain(obj.parameters(), obj.buffers()):
+                if t.data_ptr() not in seen_tensors:
+                    seen_tensors.add(t.data_ptr())
+                    total += t.numel() * t.element_size()
+            return
+        if isinstance(obj, dict):
+            children = obj.values()
+        elif isinstance(obj, (list, tuple)):
+            children = obj
+        else:
+            children = getattr(obj, "__dict__", {}).values()
+        for child in list(children):
+            visit(child, depth + 1)
+
+    visit(model, 0)
+    return total

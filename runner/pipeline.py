@@ -1,0 +1,78 @@
+"""What a pipeline module is, and how the runner finds them.
+
+A pipeline module (one file in `pipelines/`) defines:
+  NAME        the route and models.yaml key, e.g. "text-to-image"
+  Request     pydantic model of the inputs; an UploadFile field makes the route multipart
+  Response    pydantic model of the output
+  load(entry, files, device) -> model          called in a worker thread
+  run(model, request, ctx) -> Response          called in a worker thread
+  build_tiny(entry, model_dir) -> None          random-weight checkpoint in the layout load reads
+and may define OPERATION_ID and SUMMARY when the derived ones do not match the contract.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import types
+import typing
+from typing import Any
+
+from fastapi import UploadFile
+from pydantic import BaseModel, TypeAdapter
+
+from runner.registry import ModelEntry, Registry
+
+REQUIRED = ("NAME", "Request", "Response", "load", "run", "build_tiny")
+
+
+def discover(package: str = "pipelines") -> dict[str, types.ModuleType]:
+    pkg = importlib.import_module(package)
+    found = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{package}.{info.name}")
+        missing = [attr for attr in REQUIRED if not hasattr(module, attr)]
+        if missing:
+            raise TypeError(f"pipeline module {module.__name__} lacks {', '.join(missing)}")
+        found[module.NAME] = module
+    return found
+
+
+def operation_id(module: types.ModuleType) -> str:
+    derived = "gen" + "".join(part.capitalize() for part in module.NAME.split("-"))
+    return getattr(module, "OPERATION_ID", derived)
+
+
+def summary(module: types.ModuleType) -> str:
+    return getattr(module, "SUMMARY", module.NAME.replace("-", " ").title())
+
+
+def is_multipart(request: type[BaseModel]) -> bool:
+    def has_upload(annotation: Any) -> bool:
+        if annotation is UploadFile:
+            return True
+        return any(has_upload(arg) for arg in typing.get_args(annotation))
+
+    return any(has_upload(f.annotation) for f in request.model_fields.values())
+
+
+def with_defaults(request: BaseModel, entry: ModelEntry) -> BaseModel:
+    """Fields the client left unset (None) take the model's own defaults from models.yaml;
+    the model's fixed values replace whatever was sent."""
+    update = {k: v for k, v in entry.defaults.items() if getattr(request, k, None) is None}
+    update.update(entry.fixed)
+    return request.model_copy(update=update) if update else request
+
+
+def check_defaults(registry: Registry, modules: dict[str, types.ModuleType]) -> None:
+    """Every models.yaml default must name a request field and fit its type; fail at start."""
+    for name, module in modules.items():
+        fields = module.Request.model_fields
+        for entry in registry.entries(name):
+            for key, value in {**entry.defaults, **entry.fixed}.items():
+                if key not in fields:
+                    raise ValueError(f"models.yaml: {entry.id} default {key!r} is not a field "
+                                     f"of {name} requests")
+                TypeAdapter(fields[key].annotation).validate_python(value)

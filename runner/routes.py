@@ -1,0 +1,117 @@
+"""Every route: one POST per pipeline module, generated; health, version, hardware, models.
+
+No `from __future__ import annotations` here: FastAPI reads the generated endpoints'
+annotations at definition time, and they name per-module classes.
+"""
+
+import hmac
+import inspect
+import types
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Form, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+
+from runner import hardware
+from runner.errors import Unauthorized
+from runner.pipeline import is_multipart, operation_id, summary
+from runner.protocol import (
+    HardwareInformation,
+    HardwareStats,
+    HealthCheck,
+    HTTPError,
+    Version,
+)
+from runner.service import Service
+from runner.settings import Settings
+
+ERROR_RESPONSES = {
+    400: {"model": HTTPError, "description": "Bad Request"},
+    401: {"model": HTTPError, "description": "Unauthorized"},
+    413: {"model": HTTPError, "description": "Payload Too Large"},
+    500: {"model": HTTPError, "description": "Internal Server Error"},
+    503: {"model": HTTPError, "description": "Service Unavailable"},
+}
+
+
+def bearer_auth(token: str):
+    scheme = HTTPBearer(auto_error=False)
+
+    async def check(credentials: HTTPAuthorizationCredentials | None = Security(scheme)) -> None:
+        if not token:
+            return
+        given = credentials.credentials if credentials else ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise Unauthorized("Invalid bearer token")
+
+    return check
+
+
+def generate_router(service: Service, settings: Settings) -> APIRouter:
+    router = APIRouter(tags=["generate"], dependencies=[Depends(bearer_auth(settings.auth_token))])
+    for module in service.modules.values():
+        add_generate_route(router, module, service)
+    return router
+
+
+def add_generate_route(router: APIRouter, module: types.ModuleType, service: Service) -> None:
+    Request = module.Request
+
+    if is_multipart(Request):
+        async def endpoint(request: Annotated[Request, Form()]) -> BaseModel:
+            return await service.generate(module, request)
+    else:
+        async def endpoint(request: Request) -> BaseModel:
+            return await service.generate(module, request)
+
+    options = dict(
+        methods=["POST"], response_model=module.Response, responses=ERROR_RESPONSES,
+        summary=summary(module), description=inspect.getdoc(module).split("\n\n")[0],
+    )
+    op = operation_id(module)
+    router.add_api_route(f"/{module.NAME}", endpoint, operation_id=op, **options)
+    router.add_api_route(f"/{module.NAME}/", endpoint, operation_id=f"{op}_slash",
+                         include_in_schema=False, **options)
+
+
+def status_router(service: Service, settings: Settings) -> APIRouter:
+    router = APIRouter()
+
+    def default_model_id() -> str:
+        if settings.model_id:
+            return settings.model_id
+        return ",".join(service.registry.default(name).id for name in service.modules)
+
+    @router.get("/health", response_model=HealthCheck, operation_id="health")
+    async def health() -> HealthCheck:
+        return HealthCheck(status=service.health)
+
+    @router.get("/version", response_model=Version, operation_id="version")
+    async def version() -> Version:
+        return Version(pipeline=settings.pipeline, model_id=default_model_id(),
+                       version=settings.version, mode=service.mode)
+
+    @router.get("/hardware/info", response_model=HardwareInformation,
+                operation_id="hardware_info")
+    def hardware_info() -> HardwareInformation:
+        return HardwareInformation(pipeline=settings.pipeline, model_id=default_model_id(),
+                                   gpu_info=hardware.gpu_info())
+
+    @router.get("/hardware/stats", response_model=HardwareStats, operation_id="hardware_stats")
+    def hardware_stats() -> HardwareStats:
+        return HardwareStats(pipeline=settings.pipeline, model_id=default_model_id(),
+                             gpu_stats=hardware.gpu_stats())
+
+    @router.get("/models", operation_id="models", include_in_schema=False)
+    async def models() -> dict:
+        return {"budget_bytes": service.cache.budget,
+                "resident_bytes": service.cache.resident_bytes,
+                "models": service.cache.describe()}
+
+    return router
+
+
+def install(app: FastAPI, service: Service, settings: Settings) -> None:
+    app.include_router(status_router(service, settings))
+    app.include_router(generate_router(service, settings))

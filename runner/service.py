@@ -1,0 +1,147 @@
+"""The service behind the routes: resolves a request to a model, queues it, runs it."""
+
+from __future__ import annotations
+
+import logging
+import types
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from PIL import Image
+from pydantic import BaseModel
+
+from runner import device as devices
+from runner import footprint, media, safety
+from runner.cache import Loader, ModelCache
+from runner.executor import Executor, free_device_memory
+from runner.hub import ModelFiles
+from runner.pipeline import with_defaults
+from runner.registry import ModelEntry, Registry
+from runner.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """What a pipeline's run() gets besides its model and request."""
+
+    entry: ModelEntry
+    device: devices.Device
+    files: ModelFiles
+    settings: Settings
+    checker: safety.SafetyChecker | None = None
+
+    def encode_png(self, image: Image.Image) -> str:
+        return media.png_data_url(image, self.settings.png_compress_level)
+
+    def check_safety(self, images: list[Image.Image]) -> tuple[list[Image.Image], list[bool]]:
+        """Flags per image and the images after SAFETY_POLICY; no-op when the request did not
+        ask for a safety check."""
+        if self.checker is None or not images:
+            return images, [False] * len(images)
+        flags = self.checker(images)
+        return safety.apply_policy(images, flags, self.settings.safety_policy), flags
+
+
+class Service:
+    def __init__(self, settings: Settings, registry: Registry,
+                 modules: dict[str, types.ModuleType]):
+        self.settings = settings
+        self.registry = registry
+        self.modules = modules
+        self.device = devices.resolve(settings.device)
+        auto_tiny = settings.device == "auto" and not self.device.is_cuda
+        self.tiny = auto_tiny if settings.tiny is None else settings.tiny
+        self.model_dir = Path(settings.tiny_dir if self.tiny else settings.model_dir)
+        self.health = "LOADING"
+        self.cache = ModelCache(
+            Loader(load=self._load, estimate=self._estimate, measure=footprint.measure,
+                   release=free_device_memory),
+            budget=int(settings.vram_budget or 0),
+        )
+        self.executor = Executor(settings.max_queue)
+
+    @property
+    def mode(self) -> str:
+        return "tiny" if self.tiny else self.device.type
+
+    def _module(self, entry: ModelEntry) -> Any:
+        return safety if entry.pipeline == "safety" else self.modules[entry.pipeline]
+
+    def _files(self, entry: ModelEntry) -> ModelFiles:
+        return ModelFiles(self.model_dir, entry.id)
+
+    def _estimate(self, entry: ModelEntry) -> int:
+        if self.tiny:
+            self._build_tiny(entry)
+        float_bytes = 2 if self.device.is_cuda and entry.dtype != "float32" else 4
+        return footprint.estimate(entry, self._files(entry), float_bytes)
+
+    def _load(self, entry: ModelEntry) -> Any:
+        return self._module(entry).load(entry, self._files(entry), self.device)
+
+    def _build_tiny(self, entry: ModelEntry) -> None:
+        """Tiny checkpoints are written once per entry; the file lock keeps two processes
+        sharing TINY_DIR from writing the same folder at once."""
+        marker = self.model_dir / ".built" / f"{entry.pipeline}--{entry.id.replace('/', '--')}"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{marker}.lock"):
+            if not marker.exists():
+                log.info("tiny mode: writing a random-weight %s for %s", entry.kind, entry.id)
+                self._module(entry).build_tiny(entry, self.model_dir)
+                marker.touch()
+
+    def _budget(self) -> int:
+        if self.settings.vram_budget is not None:
+            return int(self.settings.vram_budget)
+        if self.device.is_cuda:
+            import torch
+
+            total = torch.cuda.mem_get_info(self.device.torch)[1]
+        else:
+            import psutil
+
+            total = psutil.virtual_memory().total
+        return max(0, total - int(self.settings.vram_reserve))
+
+    def _needs_safety(self) -> bool:
+        return any("safety_check" in m.Request.model_fields for m in self.modules.values())
+
+    async def warm_up(self) -> None:
+        """Load and pin every served pipeline's default model (and the safety checker):
+        /health says LOADING until they are all resident, ERROR if one failed."""
+        import anyio
+
+        try:
+            if self.tiny:
+                await anyio.to_thread.run_sync(devices.configure_for_tiny)
+            self.cache.budget = await anyio.to_thread.run_sync(self._budget)
+            warm = [self.registry.default(name) for name in self.modules]
+            if self._needs_safety():
+                warm.append(self.registry.safety_checker)
+            for entry in warm:
+                await self.cache.pin(entry)
+        except Exception:
+            log.exception("warm-up failed; /health reports ERROR")
+            self.health = "ERROR"
+            return
+        self.health = "OK"
+        log.info("ready (%s mode): %s", self.mode, ", ".join(e.id for e in warm))
+
+    async def generate(self, module: types.ModuleType, request: BaseModel) -> BaseModel:
+        entry = self.registry.resolve(module.NAME, getattr(request, "model_id", "") or "")
+        request = with_defaults(request, entry)
+        async with AsyncExitStack() as stack:
+            lane = await stack.enter_async_context(
+                self.executor.admit(ModelCache.key(entry), entry.max_concurrency))
+            model = await stack.enter_async_context(self.cache.use(entry))
+            checker = None
+            if getattr(request, "safety_check", False):
+                checker = await stack.enter_async_context(
+                    self.cache.use(self.registry.safety_checker))
+            ctx = RunContext(entry, self.device, self._files(entry), self.settings, checker)
+            return await self.executor.run(lane, module.run, model, request, ctx)

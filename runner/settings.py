@@ -1,0 +1,64 @@
+"""Every knob the server reads from the environment, declared once."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import ByteSize, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from runner import __version__
+
+log = logging.getLogger(__name__)
+
+# Flags go-livepeer passes from aiModels.json `optimization_flags`; the ones this runner does not
+# implement are logged, never fatal, so an operator's existing config keeps working.
+OPTIMISATION_FLAGS = ("SFAST", "DEEPCACHE", "TORCH_COMPILE", "TENSORRT", "ONEDIFF")
+IMPLEMENTED_FLAGS: frozenset[str] = frozenset()
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False)
+
+    pipeline: str = Field("all", description="One pipeline name, a comma list, or 'all'.")
+    model_id: str = Field("", description="Default model of a single pipeline; '' = models.yaml.")
+    host: str = "0.0.0.0"
+    port: int = 8000
+    auth_token: str = ""
+    model_dir: Path = Path("/models")
+    models_file: Path = REPO_ROOT / "models.yaml"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    tiny: bool | None = Field(
+        None, description="CPU tiny-model mode; unset = on when DEVICE=auto finds no CUDA."
+    )
+    tiny_dir: Path = Path(os.path.expanduser("~/.cache/runner/tiny-models"))
+    version: str = __version__
+    verbose_logging: bool = False
+    safety_policy: Literal["black", "blur", "flag"] = "black"
+    vram_budget: ByteSize | None = Field(None, description="Overrides the device's byte budget.")
+    vram_reserve: ByteSize = ByteSize(1 << 30)
+    max_upload_bytes: ByteSize = ByteSize(50 * (1 << 20))
+    max_image_pixels: int = 4096 * 4096
+    max_queue: int = Field(16, ge=0, description="Requests waiting per model before 503.")
+    png_compress_level: int = Field(1, ge=0, le=9)
+
+    @field_validator("pipeline")
+    @classmethod
+    def _strip(cls, v: str) -> str:
+        return ",".join(p.strip() for p in v.split(",") if p.strip()) or "all"
+
+    def pipeline_names(self, available: list[str]) -> list[str]:
+        if self.pipeline == "all":
+            return available
+        return self.pipeline.split(",")
+
+    def log_optimisation_flags(self) -> None:
+        for flag in OPTIMISATION_FLAGS:
+            value = os.environ.get(flag)
+            if value is not None and flag not in IMPLEMENTED_FLAGS:
+                log.warning("optimisation flag %s=%s accepted but not implemented", flag, value)
