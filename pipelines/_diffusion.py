@@ -94,7 +94,7 @@ def prompt_kwargs(pipe: Any, prompt: str, negative: str) -> dict[str, str]:
         if len(parts) > len(slots):
             raise BadRequest(f"this model takes at most {len(slots)} '|'-separated "
                              f"{kind.replace('_', ' ')}prompts, got {len(parts)}")
-        for slot, part in zip(slots, parts):
+        for slot, part in zip(slots, parts, strict=False):
             if part or not kind:
                 kwargs[kind + slot] = part
     return kwargs

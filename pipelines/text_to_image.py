@@ -107,7 +107,7 @@ def run(model: diffusion.DiffusionModel, request: TextToImageParams, ctx) -> Ima
     # 5. PNG data URLs (this runs in a worker thread, off the event loop).
     return ImageResponse(images=[
         Media(url=ctx.encode_png(img), seed=seed, nsfw=flag)
-        for img, seed, flag in zip(images, image_seeds, flags)
+        for img, seed, flag in zip(images, image_seeds, flags, strict=True)
     ])
 
 

@@ -77,7 +77,8 @@ def build_tiny(entry: ModelEntry, model_dir: Path, flag_everything: bool = False
 
 
 def apply_policy(images: list[Image.Image], flags: list[bool], policy: str) -> list[Image.Image]:
-    return [_censor(img, policy) if flagged else img for img, flagged in zip(images, flags)]
+    pairs = zip(images, flags, strict=True)
+    return [_censor(img, policy) if flagged else img for img, flagged in pairs]
 
 
 def _censor(image: Image.Image, policy: str) -> Image.Image:
