@@ -1,0 +1,74 @@
+"""A test-only pipeline module: multipart with an image, Go-style floats and booleans, a JSON
+array field, and a blocking sleep. It goes through the same route generation, cache and
+executor as the real pipelines, which is what the API tests need to see."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from fastapi import UploadFile
+from pydantic import BaseModel, Field
+
+from runner.errors import BadRequest
+from runner.hub import ModelFiles, writing_snapshot
+from runner.media import decode_image
+from runner.registry import ModelEntry
+
+NAME = "echo-image"
+
+
+class EchoParams(BaseModel):
+    image: UploadFile = Field(description="Any image.")
+    model_id: str = ""
+    strength: float = Field(0.8, ge=0, le=1)
+    flag: bool = False
+    points: str = Field("", description="A JSON array, as go-livepeer sends it.")
+    sleep: float = Field(0.0, ge=0, le=30)
+    seed: int | None = None
+    size: int | None = None
+
+
+class EchoResponse(BaseModel):
+    width: int
+    height: int
+    strength: float
+    flag: bool
+    points: list
+    seed: int | None
+    size: int | None
+    model: str
+
+
+Request = EchoParams
+Response = EchoResponse
+
+
+def load(entry: ModelEntry, files: ModelFiles, device) -> dict:
+    from safetensors.torch import load_file
+
+    folder = files.folder(entry.main.repo)
+    return {"id": entry.id, "weights": load_file(folder / "model.safetensors")}
+
+
+def run(model: dict, request: EchoParams, ctx) -> EchoResponse:
+    image = decode_image(request.image.file.read(), ctx.settings.max_image_pixels)
+    try:
+        points = json.loads(request.points) if request.points else []
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"points is not valid JSON: {exc.msg}") from exc
+    if request.sleep:
+        time.sleep(request.sleep)  # blocking on purpose: must never stall the event loop
+    return EchoResponse(width=image.width, height=image.height, strength=request.strength,
+                        flag=request.flag, points=points, seed=request.seed, size=request.size,
+                        model=model["id"])
+
+
+def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    numel = int(entry.options.get("bytes", 4096)) // 4
+    with writing_snapshot(model_dir, entry.main.repo) as folder:
+        save_file({"w": torch.zeros(numel)}, folder / "model.safetensors")
