@@ -146,29 +146,30 @@ class ModelCache:
             del self._slots[self.key(slot.entry)]
 
     def _make_room(self, needed: int, keep: Slot) -> None:
+        """Evict idle models, least recently used first, but only once it is certain the
+        load can then fit: a refused load must not cost anyone their warm model."""
         free = self.budget - self.resident_bytes
         if needed <= free:
             return
-        idle = sorted(
-            (s for s in self._slots.values()
-             if s.state == "ready" and s.users == 0 and not s.pinned and s is not keep),
-            key=lambda s: s.last_used,
-        )
-        for victim in idle:
-            free += victim.bytes
-            self._evict(victim)
-            if needed <= free:
-                return
-        pinned = sum(s.bytes for s in self._slots.values() if s.pinned and s.state == "ready")
+        ready = [s for s in self._slots.values() if s.state == "ready" and s is not keep]
+        pinned = sum(s.bytes for s in ready if s.pinned)
         if needed > self.budget - pinned:
             raise FieldError(
                 "model_id",
                 f"{keep.entry.id} needs about {needed >> 20} MiB, more than this runner can hold "
                 f"beside its warm models ({(self.budget - pinned) >> 20} MiB)",
             )
-        metrics.REJECTED.labels(keep.entry.id, "no_room").inc()
-        raise Unavailable(f"no room to load {keep.entry.id} while other models are busy; "
-                          "retry shortly", retry_after=5)
+        idle = sorted((s for s in ready if s.users == 0 and not s.pinned),
+                      key=lambda s: s.last_used)
+        if needed > free + sum(s.bytes for s in idle):
+            metrics.REJECTED.labels(keep.entry.id, "no_room").inc()
+            raise Unavailable(f"no room to load {keep.entry.id} while other models are busy; "
+                              "retry shortly", retry_after=5)
+        for victim in idle:
+            free += victim.bytes
+            self._evict(victim)
+            if needed <= free:
+                return
 
     def _evict(self, slot: Slot) -> None:
         log.info("evicting %s (%d MiB) to make room", slot.entry.id, slot.bytes >> 20)

@@ -37,13 +37,15 @@ def weight_files(folder: Path, variant: str | None) -> list[Path]:
     chosen = []
     for directory in {p.parent for p in folder.rglob("*.safetensors")}:
         files = sorted(directory.glob("*.safetensors"))
-        preferred = [p for p in files if variant and f".{variant}." in p.name]
+        preferred = [p for p in files if variant and _is_variant(p, variant)]
         chosen += preferred or [p for p in files if not _is_variant(p)]
     return chosen
 
 
-def _is_variant(path: Path) -> bool:
-    return len(path.name.split(".")) > 2
+def _is_variant(path: Path, variant: str | None = None) -> bool:
+    """`x.fp16.safetensors` or, sharded, `x.fp16-00001-of-00002.safetensors`."""
+    parts = path.name.split(".")
+    return len(parts) > 2 and (variant is None or parts[-2].split("-")[0] == variant)
 
 
 def estimate(entry: ModelEntry, files: ModelFiles, float_bytes: int) -> int:
@@ -58,24 +60,31 @@ def estimate(entry: ModelEntry, files: ModelFiles, float_bytes: int) -> int:
 
 
 def measure(model: Any) -> int:
-    """Bytes of the parameters and buffers reachable from `model` (a module, a diffusers
-    pipeline, or a plain object holding them), each tensor counted once."""
+    """Bytes of the tensors reachable from `model` (a module's parameters and buffers, a
+    diffusers pipeline, or a plain object holding either), each tensor counted once."""
     import torch
 
     seen_objects: set[int] = set()
     seen_tensors: set[int] = set()
     total = 0
 
+    def count(t: Any) -> None:
+        nonlocal total
+        if t.data_ptr() not in seen_tensors:
+            seen_tensors.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+
     def visit(obj: Any, depth: int) -> None:
         nonlocal total
         if depth > 4 or id(obj) in seen_objects or isinstance(obj, (str, bytes, int, float)):
             return
         seen_objects.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            count(obj)
+            return
         if isinstance(obj, torch.nn.Module):
             for t in chain(obj.parameters(), obj.buffers()):
-                if t.data_ptr() not in seen_tensors:
-                    seen_tensors.add(t.data_ptr())
-                    total += t.numel() * t.element_size()
+                count(t)
             return
         if isinstance(obj, dict):
             children = obj.values()

@@ -23,7 +23,7 @@ TINY_REVISION = "0" * 40
 
 
 def is_repo_id(name: str) -> bool:
-    return bool(REPO_ID.match(name)) and ".." not in name
+    return bool(REPO_ID.fullmatch(name)) and ".." not in name
 
 
 def repo_folder(model_dir: Path, repo: str) -> Path:
@@ -69,6 +69,14 @@ class ModelFiles:
 
     def has(self, repo: str, revision: str = "main") -> bool:
         return find_snapshot(self.model_dir, repo, revision) is not None
+
+    def present(self, sources) -> bool:
+        """Whether every source (repo, or single file of a repo) is on disk."""
+        for source in sources:
+            folder = find_snapshot(self.model_dir, source.repo, source.revision)
+            if folder is None or (source.file and not (folder / source.file).is_file()):
+                return False
+        return True
 
 
 @contextmanager

@@ -45,9 +45,9 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
                     f"image of {width}x{height} pixels is outside the limit of {max_pixels} pixels"
                 )
             image.load()
+            return ImageOps.exif_transpose(image).convert("RGB")
     except BadRequest:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning,
             OSError, ValueError, SyntaxError) as exc:
         raise BadRequest(f"the uploaded image could not be decoded: {exc}") from exc
-    return ImageOps.exif_transpose(image).convert("RGB")

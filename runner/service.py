@@ -85,15 +85,13 @@ class Service:
         return self._module(entry).load(entry, self._files(entry), self.device)
 
     def _build_tiny(self, entry: ModelEntry) -> None:
-        """Tiny checkpoints are written once per entry; the file lock keeps two processes
-        sharing TINY_DIR from writing the same folder at once."""
-        marker = self.model_dir / ".built" / f"{entry.pipeline}--{entry.id.replace('/', '--')}"
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(f"{marker}.lock"):
-            if not marker.exists():
+        """Tiny checkpoints are written once, when the entry's files are missing; the file lock
+        keeps two processes sharing TINY_DIR from writing the same folder at once."""
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.model_dir / ".build.lock")):
+            if not self._files(entry).present(entry.sources()):
                 log.info("tiny mode: writing a random-weight %s for %s", entry.kind, entry.id)
                 self._module(entry).build_tiny(entry, self.model_dir)
-                marker.touch()
 
     def _budget(self) -> int:
         if self.settings.vram_budget is not None:

@@ -130,8 +130,8 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
 
-    def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
+    def client(self, timeout: float = 60, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout, **kwargs)
 
 
 @pytest.fixture

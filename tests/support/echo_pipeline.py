@@ -26,6 +26,7 @@ class EchoParams(BaseModel):
     flag: bool = False
     points: str = Field("", description="A JSON array, as go-livepeer sends it.")
     sleep: float = Field(0.0, ge=0, le=30)
+    fail: bool = Field(False, description="Raise an unexpected error inside run().")
     seed: int | None = None
     size: int | None = None
 
@@ -49,6 +50,9 @@ def load(entry: ModelEntry, files: ModelFiles, device) -> dict:
     from safetensors.torch import load_file
 
     folder = files.folder(entry.main.repo)
+    time.sleep(float(entry.options.get("load_seconds", 0)))
+    if entry.options.get("fail_load"):
+        raise RuntimeError("this checkpoint is broken on purpose")
     return {"id": entry.id, "weights": load_file(folder / "model.safetensors")}
 
 
@@ -58,6 +62,8 @@ def run(model: dict, request: EchoParams, ctx) -> EchoResponse:
         points = json.loads(request.points) if request.points else []
     except json.JSONDecodeError as exc:
         raise BadRequest(f"points is not valid JSON: {exc.msg}") from exc
+    if request.fail:
+        raise RuntimeError("unexpected failure inside the model")
     if request.sleep:
         time.sleep(request.sleep)  # blocking on purpose: must never stall the event loop
     return EchoResponse(width=image.width, height=image.height, strength=request.strength,

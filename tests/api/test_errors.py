@@ -1,0 +1,129 @@
+"""Every error status the runner answers with, and its body shape."""
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from runner import errors
+from tests.conftest import png_bytes
+
+PNG = ("a.png", png_bytes(), "image/png")
+
+
+def envelope(response) -> str:
+    body = response.json()
+    assert set(body) == {"detail"} and set(body["detail"]) == {"msg"}, body
+    assert isinstance(body["detail"]["msg"], str) and body["detail"]["msg"]
+    return body["detail"]["msg"]
+
+
+@pytest.mark.parametrize("exc, status", [
+    (errors.BadRequest("bad"), 400),
+    (errors.Unauthorized("who"), 401),
+    (errors.PayloadTooLarge("big"), 413),
+    (errors.UnsupportedMedia("what"), 415),
+    (errors.InferenceError("boom"), 500),
+    (errors.ModelLoadError("gone"), 500),
+    (errors.Unavailable("busy", retry_after=7), 503),
+])
+def test_typed_errors_use_the_contract_envelope(exc, status):
+    app = FastAPI()
+    errors.install(app)
+
+    @app.get("/x")
+    def raise_it():
+        raise exc
+
+    r = TestClient(app, raise_server_exceptions=False).get("/x")
+    assert r.status_code == status
+    assert envelope(r) == exc.msg
+    if status == 401:
+        assert r.headers["www-authenticate"] == "Bearer"
+    if status == 503:
+        assert r.headers["retry-after"] == "7"
+
+
+def test_unexpected_exception_is_a_generic_500():
+    app = FastAPI()
+    errors.install(app)
+
+    @app.get("/x")
+    def raise_it():
+        raise KeyError("secret internals")
+
+    r = TestClient(app, raise_server_exceptions=False).get("/x")
+    assert r.status_code == 500
+    assert "secret" not in envelope(r)
+
+
+def test_field_error_keeps_fastapis_422_list_shape(echo):
+    r = echo.post("/echo-image", files={"image": PNG}, data={"model_id": "nope/nope"})
+    assert r.status_code == 422
+    (item,) = r.json()["detail"]
+    assert item["loc"] == ["body", "model_id"] and item["type"] == "value_error"
+    assert "test/echo-small" in item["msg"]
+
+
+def test_schema_errors_are_422_lists(echo):
+    r = echo.post("/echo-image", files={"image": PNG}, data={"strength": "1.5"})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"][-1] == "strength"
+    r = echo.post("/echo-image", data={"strength": "0.5"})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"][-1] == "image"
+
+
+def test_undecodable_image_is_400(echo):
+    r = echo.post("/echo-image", files={"image": ("a.png", b"not an image", "image/png")})
+    assert r.status_code == 400
+    assert "could not be decoded" in envelope(r)
+
+
+def test_bad_json_in_a_field_is_400(echo):
+    r = echo.post("/echo-image", files={"image": PNG}, data={"points": "[[1,2"})
+    assert r.status_code == 400
+    assert "points" in envelope(r)
+
+
+def test_model_failure_is_500_and_the_server_keeps_serving(echo):
+    r = echo.post("/echo-image", files={"image": PNG}, data={"fail": "true"})
+    assert r.status_code == 500
+    assert envelope(r) == "inference failed: RuntimeError"
+    assert echo.post("/echo-image", files={"image": PNG}).status_code == 200
+
+
+def test_unknown_route_uses_the_envelope(echo):
+    r = echo.get("/no-such-route")
+    assert r.status_code == 404
+    envelope(r)
+
+
+def test_upload_over_the_cap_is_413(app_client, make_settings):
+    from tests.conftest import echo_modules, echo_settings
+
+    client = app_client(echo_settings(make_settings, max_upload_bytes=64 * 1024), echo_modules())
+    big = ("big.png", b"\0" * (128 * 1024), "image/png")
+    r = client.post("/echo-image", files={"image": big})
+    assert r.status_code == 413
+    assert "limit" in envelope(r)
+    assert client.post("/echo-image", files={"image": PNG}).status_code == 200
+
+
+def test_chunked_body_over_the_cap_is_413(live_server, make_settings):
+    from runner.app import create_app
+    from tests.conftest import echo_modules, echo_settings
+
+    server = live_server(create_app(echo_settings(make_settings, max_upload_bytes=64 * 1024),
+                                    echo_modules()))
+
+    def chunks():  # no Content-Length: the cap must hold while the body streams
+        yield (b'--zzz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+               b"Content-Type: image/png\r\n\r\n")
+        for _ in range(64):
+            yield b"x" * 4096
+
+    with server.client() as http:
+        r = http.post("/echo-image", content=chunks(),
+                      headers={"content-type": "multipart/form-data; boundary=zzz"})
+    assert r.status_code == 413
+    assert "limit" in envelope(r)

@@ -1,0 +1,136 @@
+"""Bind first, load in the background, never block the event loop, refuse rather than pile up,
+evict idle models under a small budget."""
+
+import threading
+import time
+
+from runner.app import create_app
+from tests.conftest import echo_modules, echo_settings, png_bytes, wait_ready
+
+PNG = ("a.png", png_bytes(), "image/png")
+
+
+def test_health_is_loading_then_ok(live_server, make_settings):
+    app = create_app(echo_settings(make_settings, model_id="test/echo-slow"), echo_modules())
+    server = live_server(app)  # the slow default model loads for 1.5 s after the port binds
+    with server.client() as http:
+        assert http.get("/health").json() == {"status": "LOADING"}
+        assert http.get("/version").json()["model_id"] == "test/echo-slow"
+        assert wait_ready(http) == "OK"
+        r = http.post("/echo-image", files={"image": PNG})
+        assert r.json()["model"] == "test/echo-slow"
+
+
+def test_health_is_error_when_the_warm_model_fails_and_others_still_serve(app_client,
+                                                                          make_settings):
+    client = app_client(echo_settings(make_settings, model_id="test/echo-broken"),
+                        echo_modules())
+    assert client.get("/health").json() == {"status": "ERROR"}
+    r = client.post("/echo-image", files={"image": PNG}, data={"model_id": "test/echo-a"})
+    assert r.status_code == 200 and r.json()["model"] == "test/echo-a"
+    r = client.post("/echo-image", files={"image": PNG})
+    assert r.status_code == 500 and "could not" not in r.text
+
+
+def test_health_answers_while_a_long_inference_runs(live_server, make_settings):
+    server = live_server(create_app(echo_settings(make_settings), echo_modules()))
+    done = threading.Event()
+    result = {}
+
+    def long_request():
+        with server.client() as http:
+            result["r"] = http.post("/echo-image", files={"image": PNG}, data={"sleep": "3"})
+        done.set()
+
+    with server.client(timeout=1.0) as http:
+        wait_ready(http)
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        while not any(m["in_flight"] for m in http.get("/models").json()["models"]):
+            time.sleep(0.01)  # until the long request holds its model
+        latencies = []
+        for _ in range(20):
+            started = time.perf_counter()
+            assert http.get("/health").json() == {"status": "OK"}  # 1 s client timeout
+            latencies.append(time.perf_counter() - started)
+            assert not done.is_set(), "health should answer while the inference still runs"
+            time.sleep(0.05)
+    worker.join()
+    assert result["r"].status_code == 200
+    print(f"health latency during inference: max {max(latencies) * 1000:.1f} ms")
+
+
+def test_full_queue_is_503_with_retry_after(live_server, make_settings):
+    server = live_server(create_app(echo_settings(make_settings, max_queue=0), echo_modules()))
+    first = {}
+
+    def occupy():
+        with server.client() as http:
+            first["r"] = http.post("/echo-image", files={"image": PNG}, data={"sleep": "2"})
+
+    with server.client() as http:
+        wait_ready(http)
+        worker = threading.Thread(target=occupy)
+        worker.start()
+        deadline = time.monotonic() + 10
+        while True:  # until the first request holds the model's only slot
+            r = http.post("/echo-image", files={"image": PNG})
+            if r.status_code == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    worker.join()
+    assert r.status_code == 503
+    assert int(r.headers["retry-after"]) >= 1
+    assert "retry" in r.json()["detail"]["msg"]
+    assert first["r"].status_code == 200
+
+
+def test_idle_model_is_evicted_under_a_small_budget(app_client, make_settings):
+    client = app_client(echo_settings(make_settings, vram_budget=1_000_000), echo_modules())
+
+    def resident():
+        return {m["id"] for m in client.get("/models").json()["models"] if m["state"] == "ready"}
+
+    def generate(model_id):
+        r = client.post("/echo-image", files={"image": PNG}, data={"model_id": model_id})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    assert resident() == {"test/echo-small"}
+    generate("test/echo-a")
+    assert resident() == {"test/echo-small", "test/echo-a"}
+    generate("test/echo-b")  # 3 x 400 kB > 1 MB: the idle, unpinned echo-a goes
+    assert resident() == {"test/echo-small", "test/echo-b"}
+    assert generate("test/echo-a")["size"] == 2  # reloads on demand, its own defaults
+    assert resident() == {"test/echo-small", "test/echo-a"}
+    metrics = client.get("/metrics/").text
+    assert 'runner_model_evictions_total{model="test/echo-a"} 1.0' in metrics
+
+
+def test_a_model_that_can_never_fit_is_422(app_client, make_settings):
+    client = app_client(echo_settings(make_settings, vram_budget=1_000_000), echo_modules())
+    r = client.post("/echo-image", files={"image": PNG}, data={"model_id": "test/echo-huge"})
+    assert r.status_code == 422
+    assert "more than this runner can hold" in r.json()["detail"][0]["msg"]
+    assert client.post("/echo-image", files={"image": PNG}).status_code == 200
+
+
+def test_go_multipart_encodings(echo):
+    r = echo.post("/echo-image", files={"image": PNG}, data={
+        "strength": "0.800000", "flag": "false", "seed": "42", "points": "[[10,20],[30,40]]",
+        "model_id": "", "size": "576"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["strength"] == 0.8 and body["flag"] is False and body["seed"] == 42
+    assert body["points"] == [[10, 20], [30, 40]] and body["size"] == 576
+    assert body["model"] == "test/echo-small" and (body["width"], body["height"]) == (32, 24)
+
+
+def test_models_yaml_defaults_fill_unset_fields(echo):
+    assert echo.post("/echo-image", files={"image": PNG}).json()["size"] == 1
+    r = echo.post("/echo-image", files={"image": PNG}, data={"size": "9"})
+    assert r.json()["size"] == 9
+
+
+def test_trailing_slash_alias(echo):
+    assert echo.post("/echo-image/", files={"image": PNG}).status_code == 200
