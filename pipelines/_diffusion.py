@@ -39,6 +39,15 @@ def variant_if_present(folder: Path, variant: str | None) -> str | None:
     return None
 
 
+def quiet_loading() -> None:
+    """Progress bars from from_pretrained only clutter a server's log."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def finish_loading(pipe: Any, device: Device, scheduler: str | None) -> DiffusionModel:
     set_scheduler(pipe, scheduler)
     pipe.to(device.torch)

@@ -56,6 +56,7 @@ Response = ImageResponse
 def load(entry: ModelEntry, files: ModelFiles, device: Device) -> diffusion.DiffusionModel:
     from diffusers import AutoPipelineForText2Image, StableDiffusionXLPipeline
 
+    diffusion.quiet_loading()
     folder = files.folder(entry.main.repo, entry.main.revision)
     options = dict(dtype=device.dtype(entry.dtype),
                    variant=diffusion.variant_if_present(folder, entry.variant))
@@ -94,7 +95,7 @@ def run(model: diffusion.DiffusionModel, request: TextToImageParams, ctx) -> Ima
     prompts = diffusion.prompt_kwargs(pipe, request.prompt, request.negative_prompt)
     image_seeds = diffusion.seeds(request.seed, request.num_images_per_prompt)
     # 3. Denoise all images in one batched call (CFG branches batched by diffusers).
-    with torch.inference_mode():
+    with ctx.stage("denoise"), torch.inference_mode():
         images = pipe(
             **prompts, height=request.height, width=request.width,
             guidance_scale=request.guidance_scale,
@@ -105,10 +106,11 @@ def run(model: diffusion.DiffusionModel, request: TextToImageParams, ctx) -> Ima
     # 4. Safety check, batched, then the operator's policy for flagged images.
     images, flags = ctx.check_safety(images)
     # 5. PNG data URLs (this runs in a worker thread, off the event loop).
-    return ImageResponse(images=[
-        Media(url=ctx.encode_png(img), seed=seed, nsfw=flag)
-        for img, seed, flag in zip(images, image_seeds, flags, strict=True)
-    ])
+    with ctx.stage("encode"):
+        return ImageResponse(images=[
+            Media(url=ctx.encode_png(img), seed=seed, nsfw=flag)
+            for img, seed, flag in zip(images, image_seeds, flags, strict=True)
+        ])
 
 
 def build_tiny(entry: ModelEntry, model_dir: Path) -> None:

@@ -9,7 +9,7 @@ import inspect
 import types
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Form, Security
+from fastapi import APIRouter, Depends, FastAPI, Form, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
@@ -58,12 +58,18 @@ def generate_router(service: Service, settings: Settings) -> APIRouter:
 def add_generate_route(router: APIRouter, module: types.ModuleType, service: Service) -> None:
     Request = module.Request
 
+    async def respond(request: BaseModel, response: Response) -> BaseModel:
+        timings: dict[str, float] = {}
+        result = await service.generate(module, request, timings)
+        response.headers["Server-Timing"] = server_timing(timings)
+        return result
+
     if is_multipart(Request):
-        async def endpoint(request: Annotated[Request, Form()]) -> BaseModel:
-            return await service.generate(module, request)
+        async def endpoint(request: Annotated[Request, Form()], response: Response) -> BaseModel:
+            return await respond(request, response)
     else:
-        async def endpoint(request: Request) -> BaseModel:
-            return await service.generate(module, request)
+        async def endpoint(request: Request, response: Response) -> BaseModel:
+            return await respond(request, response)
 
     options = dict(
         methods=["POST"], response_model=module.Response, responses=ERROR_RESPONSES,
@@ -73,6 +79,11 @@ def add_generate_route(router: APIRouter, module: types.ModuleType, service: Ser
     router.add_api_route(f"/{module.NAME}", endpoint, operation_id=op, **options)
     router.add_api_route(f"/{module.NAME}/", endpoint, operation_id=f"{op}_slash",
                          include_in_schema=False, **options)
+
+
+def server_timing(timings: dict[str, float]) -> str:
+    """`model;dur=1.2, denoise;dur=830.0, ...` in milliseconds (RFC Server-Timing)."""
+    return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in timings.items())
 
 
 def status_router(service: Service, settings: Settings) -> APIRouter:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 import types
-from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,16 @@ class RunContext:
     files: ModelFiles
     settings: Settings
     checker: safety.SafetyChecker | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Times a step of run(); the times go out in the Server-Timing header."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
 
     def encode_png(self, image: Image.Image) -> str:
         return media.png_data_url(image, self.settings.png_compress_level)
@@ -43,7 +55,8 @@ class RunContext:
         ask for a safety check."""
         if self.checker is None or not images:
             return images, [False] * len(images)
-        flags = self.checker(images)
+        with self.stage("safety"):
+            flags = self.checker(images)
         return safety.apply_policy(images, flags, self.settings.safety_policy), flags
 
 
@@ -130,9 +143,12 @@ class Service:
         self.health = "OK"
         log.info("ready (%s mode): %s", self.mode, ", ".join(e.id for e in warm))
 
-    async def generate(self, module: types.ModuleType, request: BaseModel) -> BaseModel:
+    async def generate(self, module: types.ModuleType, request: BaseModel,
+                       timings: dict[str, float] | None = None) -> BaseModel:
         entry = self.registry.resolve(module.NAME, getattr(request, "model_id", "") or "")
         request = with_defaults(request, entry)
+        timings = {} if timings is None else timings
+        started = time.perf_counter()
         async with AsyncExitStack() as stack:
             lane = await stack.enter_async_context(
                 self.executor.admit(ModelCache.key(entry), entry.max_concurrency))
@@ -141,5 +157,7 @@ class Service:
             if getattr(request, "safety_check", False):
                 checker = await stack.enter_async_context(
                     self.cache.use(self.registry.safety_checker))
-            ctx = RunContext(entry, self.device, self._files(entry), self.settings, checker)
+            timings["model"] = time.perf_counter() - started
+            ctx = RunContext(entry, self.device, self._files(entry), self.settings, checker,
+                             timings)
             return await self.executor.run(lane, module.run, model, request, ctx)

@@ -1,0 +1,63 @@
+"""`python -m runner` as go-livepeer starts it: env configuration, the port bound before the
+models load, tiny mode on a machine without a GPU, unknown optimisation flags tolerated."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import decode_png_url, wait_ready
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def runner_process(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PIPELINE": "text-to-image", "HOST": "127.0.0.1", "PORT": str(port),
+           "TINY_DIR": str(tmp_path / "tiny"), "SFAST": "true", "DEEPCACHE": "false",
+           "VERSION": "9.9.9", "AUTH_TOKEN": ""}
+    env.pop("TINY", None)
+    env.pop("DEVICE", None)
+    log = open(tmp_path / "runner.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "runner"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    yield f"http://127.0.0.1:{port}", log
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.seek(0)
+    assert "Application shutdown complete" in log.read()  # SIGTERM shuts down in order
+    log.close()
+
+
+def first_answer(url: str, deadline: float) -> httpx.Response:
+    while True:
+        try:
+            return httpx.get(f"{url}/version", timeout=1)
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "the port never answered"
+            time.sleep(0.05)
+
+
+def test_python_m_runner_serves_tiny_text_to_image(runner_process):
+    url, log = runner_process
+    version = first_answer(url, time.monotonic() + 60).json()
+    assert version == {"pipeline": "text-to-image", "model_id":
+                       "SG161222/RealVisXL_V4.0_Lightning", "version": "9.9.9", "mode": "tiny"}
+    with httpx.Client(base_url=url, timeout=60) as http:
+        assert wait_ready(http) == "OK"
+        r = http.post("/text-to-image", json={"prompt": "a cat", "width": 64, "height": 64})
+    assert r.status_code == 200, r.text
+    assert decode_png_url(r.json()["images"][0]["url"]).size == (64, 64)
+    log.seek(0)
+    text = log.read()
+    assert "optimisation flag SFAST=true accepted but not implemented" in text
+    assert "tiny mode" in text
