@@ -41,7 +41,7 @@ class TextToImageParams(BaseModel):
                                  "guidance_scale < 1.")
     safety_check: bool = Field(True, description="Perform a safety check to estimate if "
                                "generated images could be offensive or harmful.")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="Seed for random number "
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for random number "
                              "generation; image i uses seed+i.")
     num_inference_steps: int | None = Field(
         None, ge=1, le=150, description="Number of denoising steps; default: the model's own.")
