@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from prometheus_client import make_asgi_app
 
 from runner import __version__, errors, routes
-from runner.middleware import BodyLimit
+from runner.middleware import BodyLimit, JsonBodies
 from runner.pipeline import check_defaults, discover
 from runner.registry import Registry
 from runner.service import Service
@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None,
                   version=__version__, lifespan=lifespan)
     app.state.service = service
     errors.install(app)
+    app.add_middleware(JsonBodies, paths=routes.json_paths(service))
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_bytes))
     routes.install(app, service, settings)
     app.mount("/metrics", make_asgi_app())

@@ -81,6 +81,12 @@ def add_generate_route(router: APIRouter, module: types.ModuleType, service: Ser
                          include_in_schema=False, **options)
 
 
+def json_paths(service: Service) -> set[str]:
+    """Paths of the generate routes whose body is JSON, with their trailing-slash aliases."""
+    names = [m.NAME for m in service.modules.values() if not is_multipart(m.Request)]
+    return {path for name in names for path in (f"/{name}", f"/{name}/")}
+
+
 def server_timing(timings: dict[str, float]) -> str:
     """`model;dur=1.2, denoise;dur=830.0, ...` in milliseconds (RFC Server-Timing)."""
     return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in timings.items())

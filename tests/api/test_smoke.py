@@ -15,3 +15,18 @@ def test_echo_multipart(echo):
     assert r.status_code == 200, r.text
     assert r.json()["strength"] == 0.5 and r.json()["flag"] is True
     assert r.json()["points"] == [[10, 20]]
+
+
+def test_the_readme_curl_works_without_a_json_content_type(t2i):
+    """`curl -d '{...}'` sends application/x-www-form-urlencoded."""
+    body = b'{"prompt":"a cat","width":64,"height":64}'
+    for content_type in ("application/x-www-form-urlencoded", None):
+        headers = {"content-type": content_type} if content_type else {}
+        r = t2i.post("/text-to-image", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["images"][0]["url"].startswith("data:image/png;base64,")
+    r = t2i.post("/text-to-image", content=b"prompt=a+cat",
+                 headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 422
+    r = t2i.post("/text-to-image", content=body, headers={"content-type": "text/plain"})
+    assert r.status_code == 422
