@@ -14,7 +14,9 @@ from typing import Any
 
 from runner.device import Device
 from runner.errors import BadRequest
-from runner.hub import ModelFiles
+from runner.hub import ModelFiles, writing_snapshot
+from runner.protocol import ImageResponse, Media
+from runner.registry import ModelEntry
 
 MAX_LORAS = 4
 PROMPT_SLOTS = ("prompt", "prompt_2", "prompt_3")
@@ -76,6 +78,50 @@ def set_scheduler(pipe: Any, name: str | None) -> None:
         raise ValueError(f"unknown scheduler {name!r} in models.yaml")
 
 
+AUTO_PIPELINES = {"text-to-image": "AutoPipelineForText2Image",
+                  "image-to-image": "AutoPipelineForImage2Image"}
+LIGHTNING_PIPELINES = {"text-to-image": "StableDiffusionXLPipeline",
+                       "image-to-image": "StableDiffusionXLImg2ImgPipeline"}
+
+
+def load_family(entry: ModelEntry, files: ModelFiles, device: Device) -> DiffusionModel:
+    """The SD/SDXL families for text-to-image and image-to-image, by the entry's kind:
+    `sd`, `sdxl` (auto pipelines), `sdxl-lightning` (a step-distilled UNet file on the SDXL
+    base) and `pix2pix` (InstructPix2Pix)."""
+    import diffusers
+
+    quiet_loading()
+    folder = files.folder(entry.main.repo, entry.main.revision)
+    options: dict[str, Any] = dict(dtype=device.dtype(entry.dtype),
+                                   variant=variant_if_present(folder, entry.variant))
+    if entry.kind in ("sd", "pix2pix"):  # images are checked by the runner's batched checker
+        options.update(safety_checker=None, requires_safety_checker=False)
+    if entry.kind == "sdxl-lightning":
+        cls = getattr(diffusers, LIGHTNING_PIPELINES[entry.pipeline])
+        options["unet"] = lightning_unet(entry, files, folder, device)
+    elif entry.kind == "pix2pix":
+        cls = diffusers.StableDiffusionInstructPix2PixPipeline
+    else:
+        cls = getattr(diffusers, AUTO_PIPELINES[entry.pipeline])
+    pipe = cls.from_pretrained(folder, **options)
+    return finish_loading(pipe, device, entry.options.get("scheduler"))
+
+
+def lightning_unet(entry: ModelEntry, files: ModelFiles, base: Path, device: Device) -> Any:
+    """The step-distilled UNet file on the base SDXL UNet architecture, built without
+    allocating random weights first."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    source = entry.components["unet"]
+    weights = files.file(source.repo, source.file, source.revision)
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base / "unet"))
+    unet.load_state_dict(load_file(weights), assign=True)
+    return unet.to(device.torch, device.dtype(entry.dtype))
+
+
 # -- requests ------------------------------------------------------------------------------
 
 def seeds(seed: int | None, count: int) -> list[int]:
@@ -107,6 +153,58 @@ def prompt_kwargs(pipe: Any, prompt: str, negative: str) -> dict[str, str]:
             if part or not kind:
                 kwargs[kind + slot] = part
     return kwargs
+
+
+def accepted(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments this pipeline's __call__ takes (image_guidance_scale only
+    means something to InstructPix2Pix, strength only to img2img)."""
+    import inspect
+
+    params = inspect.signature(pipe.__call__).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def generate_images(model: DiffusionModel, request: Any, ctx: Any,
+                    **inputs: Any) -> ImageResponse:
+    """The run shared by the image pipelines; `inputs` are the task's own call arguments
+    (size for text-to-image; image and strength for image-to-image)."""
+    import torch
+
+    pipe = model.pipe
+    # 1. LoRAs: parsed and checked first, so a bad one costs no GPU time.
+    activate_loras(model, parse_loras(request.loras), ctx.files)
+    # 2. Prompts, one per text encoder, and one seed per image.
+    prompts = prompt_kwargs(pipe, request.prompt, request.negative_prompt)
+    image_seeds = seeds(request.seed, request.num_images_per_prompt)
+    # 3. Denoise all images in one batched call (CFG branches batched by diffusers).
+    call = accepted(pipe, dict(
+        inputs, guidance_scale=request.guidance_scale,
+        num_inference_steps=request.num_inference_steps,
+        num_images_per_prompt=request.num_images_per_prompt,
+        generator=generators(model.device, image_seeds)))
+    with ctx.stage("denoise"), torch.inference_mode():
+        images = pipe(**prompts, **call).images
+    # 4. Safety check, batched, then the operator's policy for flagged images.
+    images, flags = ctx.check_safety(images)
+    # 5. PNG data URLs (this runs in a worker thread, off the event loop).
+    with ctx.stage("encode"):
+        return ImageResponse(images=[
+            Media(url=ctx.encode_png(img), seed=seed, nsfw=flag)
+            for img, seed, flag in zip(images, image_seeds, flags, strict=True)
+        ])
+
+
+def fit_image(image: Any, multiple: int, max_pixels: int) -> Any:
+    """Scaled down (never up) to at most `max_pixels`, then each side cut to a multiple of
+    `multiple` (at least one multiple)."""
+    from PIL import Image
+
+    scale = min(1.0, math.sqrt(max_pixels / (image.width * image.height)))
+    width = max(multiple, int(image.width * scale) // multiple * multiple)
+    height = max(multiple, int(image.height * scale) // multiple * multiple)
+    if (width, height) == image.size:
+        return image
+    return image.resize((width, height), Image.Resampling.LANCZOS)
 
 
 # -- LoRAs ---------------------------------------------------------------------------------
@@ -308,3 +406,34 @@ def write_tiny_lora(pipe: Any, folder: Path, rank: int = 4) -> None:
     layers = get_peft_model_state_dict(pipe.unet, adapter_name="tiny")
     type(pipe).save_lora_weights(folder, unet_lora_layers=layers)
     pipe.unet.delete_adapters("tiny")
+
+
+def tiny_pix2pix_pipeline() -> Any:
+    import torch
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+
+    torch.manual_seed(0)
+    return StableDiffusionInstructPix2PixPipeline(
+        vae=tiny_vae(0.18215), text_encoder=tiny_text_encoder(), tokenizer=tiny_tokenizer(),
+        unet=tiny_sd_unet(in_channels=8), scheduler=EulerAncestralDiscreteScheduler(
+            **sd_scheduler_config()),
+        safety_checker=None, feature_extractor=None, image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+TINY_FAMILIES = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline,
+                 "sdxl-lightning": tiny_sdxl_pipeline, "pix2pix": tiny_pix2pix_pipeline}
+
+
+def build_tiny_family(entry: ModelEntry, model_dir: Path) -> None:
+    """Random weights in the exact layout `load_family` reads for this entry's kind."""
+    from safetensors.torch import save_file
+
+    if not ModelFiles(model_dir).has(entry.main.repo):
+        with writing_snapshot(model_dir, entry.main.repo) as folder:
+            save_pipeline(TINY_FAMILIES[entry.kind](), folder)
+    if entry.kind == "sdxl-lightning":
+        source = entry.components["unet"]
+        with writing_snapshot(model_dir, source.repo) as folder:
+            save_file(tiny_sdxl_unet().state_dict(), folder / source.file)

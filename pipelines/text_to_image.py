@@ -12,8 +12,8 @@ from pydantic import BaseModel, Field
 
 from pipelines import _diffusion as diffusion
 from runner.device import Device
-from runner.hub import ModelFiles, writing_snapshot
-from runner.protocol import ImageResponse, Media
+from runner.hub import ModelFiles
+from runner.protocol import ImageResponse
 from runner.registry import ModelEntry
 
 NAME = "text-to-image"
@@ -54,76 +54,13 @@ Response = ImageResponse
 
 
 def load(entry: ModelEntry, files: ModelFiles, device: Device) -> diffusion.DiffusionModel:
-    from diffusers import AutoPipelineForText2Image, StableDiffusionXLPipeline
-
-    diffusion.quiet_loading()
-    folder = files.folder(entry.main.repo, entry.main.revision)
-    options = dict(dtype=device.dtype(entry.dtype),
-                   variant=diffusion.variant_if_present(folder, entry.variant))
-    if entry.kind == "sdxl-lightning":
-        unet = _lightning_unet(entry, files, folder, device)
-        pipe = StableDiffusionXLPipeline.from_pretrained(folder, unet=unet, **options)
-    else:
-        if entry.kind == "sd":  # images are checked by the runner's own batched checker
-            options.update(safety_checker=None, requires_safety_checker=False)
-        pipe = AutoPipelineForText2Image.from_pretrained(folder, **options)
-    return diffusion.finish_loading(pipe, device, entry.options.get("scheduler"))
-
-
-def _lightning_unet(entry: ModelEntry, files: ModelFiles, base: Path, device: Device):
-    """The step-distilled UNet file on the base SDXL UNet architecture, built without
-    allocating random weights first."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-
-    source = entry.components["unet"]
-    weights = files.file(source.repo, source.file, source.revision)
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base / "unet"))
-    unet.load_state_dict(load_file(weights), assign=True)
-    return unet.to(device.torch, device.dtype(entry.dtype))
+    return diffusion.load_family(entry, files, device)
 
 
 def run(model: diffusion.DiffusionModel, request: TextToImageParams, ctx) -> ImageResponse:
-    import torch
-
-    pipe = model.pipe
-    # 1. LoRAs: parsed and checked first, so a bad one costs no GPU time.
-    diffusion.activate_loras(model, diffusion.parse_loras(request.loras), ctx.files)
-    # 2. Prompts, one per text encoder, and one seed per image.
-    prompts = diffusion.prompt_kwargs(pipe, request.prompt, request.negative_prompt)
-    image_seeds = diffusion.seeds(request.seed, request.num_images_per_prompt)
-    # 3. Denoise all images in one batched call (CFG branches batched by diffusers).
-    with ctx.stage("denoise"), torch.inference_mode():
-        images = pipe(
-            **prompts, height=request.height, width=request.width,
-            guidance_scale=request.guidance_scale,
-            num_inference_steps=request.num_inference_steps,
-            num_images_per_prompt=request.num_images_per_prompt,
-            generator=diffusion.generators(model.device, image_seeds),
-        ).images
-    # 4. Safety check, batched, then the operator's policy for flagged images.
-    images, flags = ctx.check_safety(images)
-    # 5. PNG data URLs (this runs in a worker thread, off the event loop).
-    with ctx.stage("encode"):
-        return ImageResponse(images=[
-            Media(url=ctx.encode_png(img), seed=seed, nsfw=flag)
-            for img, seed, flag in zip(images, image_seeds, flags, strict=True)
-        ])
+    return diffusion.generate_images(model, request, ctx, height=request.height,
+                                     width=request.width)
 
 
 def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
-    """Random weights in the exact layout `load` reads for this entry's kind."""
-    files = ModelFiles(model_dir)
-    if not files.has(entry.main.repo):
-        pipe = diffusion.tiny_sd_pipeline() if entry.kind == "sd" \
-            else diffusion.tiny_sdxl_pipeline()
-        with writing_snapshot(model_dir, entry.main.repo) as folder:
-            diffusion.save_pipeline(pipe, folder)
-    if entry.kind == "sdxl-lightning":
-        from safetensors.torch import save_file
-
-        source = entry.components["unet"]
-        with writing_snapshot(model_dir, source.repo) as folder:
-            save_file(diffusion.tiny_sdxl_unet().state_dict(), folder / source.file)
+    diffusion.build_tiny_family(entry, model_dir)

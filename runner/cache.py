@@ -171,6 +171,13 @@ class ModelCache:
             if needed <= free:
                 return
 
+    def evict_idle(self) -> None:
+        """Drop every idle, unpinned model (after an out-of-memory error)."""
+        for slot in [s for s in self._slots.values()
+                     if s.state == "ready" and s.users == 0 and not s.pinned]:
+            self._evict(slot)
+        self._loader.release()
+
     def _evict(self, slot: Slot) -> None:
         log.info("evicting %s (%d MiB) to make room", slot.entry.id, slot.bytes >> 20)
         metrics.CACHE_EVICTIONS.labels(slot.entry.id).inc()

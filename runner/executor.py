@@ -63,24 +63,39 @@ class Executor:
             lane.pending -= 1
             metrics.QUEUE_DEPTH.labels(key).set(lane.pending)
 
-    async def run(self, lane: Lane, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, lane: Lane, fn: Callable[..., T], *args: Any,
+                  on_oom: Callable[[], Any] | None = None) -> T:
+        """Run `fn` in a worker thread. A CUDA OOM calls `on_oom` (free memory, evict idle
+        models) and retries once; a second OOM, like any model failure, is a 500."""
         queued = time.monotonic()
         async with lane.limiter:
             started = time.monotonic()
             metrics.QUEUE_WAIT_SECONDS.labels(lane.key).observe(started - queued)
             try:
-                return await anyio.to_thread.run_sync(fn, *args, limiter=self._threads)
-            except RunnerError:
-                raise
-            except Exception as exc:
-                raise as_inference_error(exc) from exc
+                return await self._call(fn, args, on_oom)
             finally:
                 lane.record(time.monotonic() - started)
+
+    async def _call(self, fn: Callable[..., T], args: tuple, on_oom: Callable[[], Any] | None) -> T:
+        try:
+            return await anyio.to_thread.run_sync(fn, *args, limiter=self._threads)
+        except RunnerError:
+            raise
+        except Exception as exc:
+            if is_oom(exc) and on_oom is not None:
+                log.warning("out of memory; evicting idle models and retrying once")
+                on_oom()
+                return await self._call(fn, args, None)
+            raise as_inference_error(exc) from exc
+
+
+def is_oom(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError"
 
 
 def as_inference_error(exc: BaseException) -> InferenceError:
     """Model failures become 500s; a CUDA OOM frees what it can first."""
-    if type(exc).__name__ == "OutOfMemoryError":
+    if is_oom(exc):
         free_device_memory()
         return InferenceError("GPU out of memory while running the model; retry or lower the "
                               "request size")

@@ -160,4 +160,5 @@ class Service:
             timings["model"] = time.perf_counter() - started
             ctx = RunContext(entry, self.device, self._files(entry), self.settings, checker,
                              timings)
-            return await self.executor.run(lane, module.run, model, request, ctx)
+            return await self.executor.run(lane, module.run, model, request, ctx,
+                                           on_oom=self.cache.evict_idle)

@@ -159,3 +159,53 @@ def test_lane_records_service_time_and_retry_after_follows_it():
         assert lane.retry_after() == 1  # never less than a second
 
     asyncio.run(main())
+
+
+def test_out_of_memory_frees_and_retries_once_then_succeeds():
+    import anyio
+
+    from runner.executor import Executor
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    calls, freed = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise OutOfMemoryError("CUDA out of memory")
+        return "ok"
+
+    async def main():
+        executor = Executor(max_queue=1)
+        async with executor.admit("m", 1) as lane:
+            return await executor.run(lane, flaky, on_oom=lambda: freed.append(1))
+
+    assert anyio.run(main) == "ok"
+    assert len(calls) == 2 and len(freed) == 1
+
+
+def test_out_of_memory_twice_is_a_500():
+    import anyio
+    import pytest
+
+    from runner.errors import InferenceError
+    from runner.executor import Executor
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    freed = []
+
+    def always():
+        raise OutOfMemoryError("CUDA out of memory")
+
+    async def main():
+        executor = Executor(max_queue=1)
+        async with executor.admit("m", 1) as lane:
+            await executor.run(lane, always, on_oom=lambda: freed.append(1))
+
+    with pytest.raises(InferenceError, match="out of memory"):
+        anyio.run(main)
+    assert len(freed) == 1
