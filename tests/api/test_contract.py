@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from jsonschema import Draft202012Validator
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
+
+from tests.support.contract import assert_valid
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONTRACT_FILE = REPO_ROOT / ".." / "shared" / "contract" / "openapi.yaml"
@@ -83,20 +82,6 @@ def request_body(doc: dict, op: dict) -> tuple[str, dict]:
 
 def ok_schema(doc: dict, op: dict) -> dict:
     return deref(doc, op["responses"]["200"]["content"]["application/json"]["schema"])
-
-
-def contract_validator(name: str) -> Draft202012Validator:
-    """A validator for one contract component, with every $ref resolved in the contract."""
-    registry = Registry().with_resource(
-        "urn:contract", Resource.from_contents(CONTRACT, default_specification=DRAFT202012))
-    return Draft202012Validator({"$ref": f"urn:contract#/components/schemas/{name}"},
-                                registry=registry)
-
-
-def assert_valid(body, name: str) -> None:
-    errors = [f"{list(e.absolute_path)}: {e.message}"
-              for e in contract_validator(name).iter_errors(body)]
-    assert not errors, f"response does not match contract {name}: {errors}"
 
 
 # --- the generated spec ------------------------------------------------------------------
