@@ -1,0 +1,94 @@
+"""Apply image transformations to a provided image.
+
+InstructPix2Pix (the default: "make it snowy"), SDXL img2img (RealVisXL Lightning, SDXL base),
+ByteDance SDXL-Lightning step checkpoints, sd-turbo / sdxl-turbo, through the same loading,
+LoRA, seed and safety code as text-to-image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import UploadFile
+from pydantic import BaseModel, Field
+
+from pipelines import _diffusion as diffusion
+from runner.device import Device
+from runner.errors import BadRequest
+from runner.hub import ModelFiles
+from runner.media import decode_image
+from runner.protocol import ImageResponse
+from runner.registry import ModelEntry
+
+NAME = "image-to-image"
+MAX_IMAGES = 8
+DEFAULT_MAX_PIXELS = 1024 * 1024
+SDXL_KINDS = ("sdxl", "sdxl-lightning")
+
+
+class ImageToImageParams(BaseModel):
+    prompt: str = Field(max_length=20_000, description="Text prompt(s) to guide image "
+                        "generation. Separate multiple prompts with '|' if supported by the model.")
+    image: UploadFile = Field(description="Uploaded image to modify with the pipeline.")
+    model_id: str = Field("", description="Hugging Face model ID used for image generation.")
+    loras: str = Field(
+        "", description='A LoRA (Low-Rank Adaptation) model and its corresponding weight for '
+        'image generation. Example: { "latent-consistency/lcm-lora-sdxl": 1.0, '
+        '"nerijs/pixel-art-xl": 1.2}.')
+    strength: float | None = Field(
+        None, ge=0, le=1, description="Degree of transformation applied to the reference image "
+        "(0 to 1); default: the model's own.")
+    guidance_scale: float | None = Field(
+        None, ge=0, le=50, description="Encourages model to generate images closely linked to "
+        "the text prompt (higher values may reduce image quality); default: the model's own.")
+    image_guidance_scale: float | None = Field(
+        None, ge=0, le=50, description="Degree to which the generated image is pushed towards "
+        "the initial image (InstructPix2Pix); default: the model's own.")
+    negative_prompt: str = Field("", max_length=20_000, description="Text prompt(s) to guide "
+                                 "what to exclude from image generation. Ignored if "
+                                 "guidance_scale < 1.")
+    safety_check: bool = Field(True, description="Perform a safety check to estimate if "
+                               "generated images could be offensive or harmful.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for random number "
+                             "generation; image i uses seed+i.")
+    num_inference_steps: int | None = Field(
+        None, ge=1, le=150, description="Number of denoising steps, modulated by strength; "
+        "default: the model's own.")
+    num_images_per_prompt: int = Field(1, ge=1, le=MAX_IMAGES,
+                                       description="Number of images to generate per prompt.")
+
+
+Request = ImageToImageParams
+Response = ImageResponse
+
+
+def load(entry: ModelEntry, files: ModelFiles, device: Device) -> diffusion.DiffusionModel:
+    return diffusion.load_family(entry, files, device)
+
+
+def run(model: diffusion.DiffusionModel, request: ImageToImageParams, ctx) -> ImageResponse:
+    entry = ctx.entry
+    # 1. The input: EXIF-rotated RGB, scaled into the model's pixel cap, sides a multiple of
+    #    the model's latent grid (64 for SDXL); the output size follows it.
+    image = decode_image(request.image.file.read(), ctx.settings.max_image_pixels)
+    multiple = 64 if entry.kind in SDXL_KINDS else 8
+    image = diffusion.fit_image(image, multiple,
+                                int(entry.options.get("max_pixels", DEFAULT_MAX_PIXELS)))
+    # 2. img2img denoises strength x steps of the schedule: at least one step must remain.
+    if entry.kind != "pix2pix":
+        check_strength(request.strength, request.num_inference_steps)
+    # 3. The shared run: LoRAs, prompts, seeds, one batched call, safety, PNG encoding.
+    return diffusion.generate_images(
+        model, request, ctx, image=image, strength=request.strength,
+        image_guidance_scale=request.image_guidance_scale,
+        height=image.height, width=image.width)
+
+
+def check_strength(strength: float | None, steps: int | None) -> None:
+    if strength is not None and steps is not None and int(strength * steps) < 1:
+        raise BadRequest(f"strength {strength} with {steps} steps leaves no denoising step; "
+                         f"use strength >= {1 / steps:.3g} or more steps")
+
+
+def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
+    diffusion.build_tiny_family(entry, model_dir)
