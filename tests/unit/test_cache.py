@@ -448,3 +448,18 @@ def test_random_trace_keeps_invariants(seed):
     assert outcomes["ok"] > 0
     assert fake.releases > 0  # the trace did exercise eviction
     assert fake.loads["test/pinned"] == 1
+
+
+def test_evict_idle_keeps_pinned_and_in_use_models():
+    fake = FakeLoader({"pinned": 10, "busy": 10, "idle": 10})
+
+    async def main():
+        cache = ModelCache(fake.loader(), budget=100)
+        await cache.pin(entry("pinned"))
+        await touch(cache, entry("idle"))
+        async with cache.use(entry("busy")):
+            cache.evict_idle()
+            assert ids(cache) == {"test/pinned", "test/busy"}
+        assert fake.releases >= 1
+
+    asyncio.run(main())
