@@ -184,9 +184,14 @@ def generate_images(model: DiffusionModel, request: Any, ctx: Any,
         generator=generators(model.device, image_seeds)))
     with ctx.stage("denoise"), torch.inference_mode():
         images = pipe(**prompts, **call).images
-    # 4. Safety check, batched, then the operator's policy for flagged images.
+    # 4. Safety check and PNG encoding.
+    return image_response(images, image_seeds, ctx)
+
+
+def image_response(images: list[Any], image_seeds: list[int], ctx: Any) -> ImageResponse:
+    """One batched safety check (the operator's policy applied to flagged images), then PNG
+    data URLs; called in the worker thread, off the event loop."""
     images, flags = ctx.check_safety(images)
-    # 5. PNG data URLs (this runs in a worker thread, off the event loop).
     with ctx.stage("encode"):
         return ImageResponse(images=[
             Media(url=ctx.encode_png(img), seed=seed, nsfw=flag)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import UploadFile
 from pydantic import BaseModel, Field
 
 from pipelines import _diffusion as diffusion
@@ -17,7 +16,7 @@ from runner.device import Device
 from runner.errors import BadRequest
 from runner.hub import ModelFiles
 from runner.media import decode_image
-from runner.protocol import ImageResponse
+from runner.protocol import ImageResponse, Upload
 from runner.registry import ModelEntry
 
 NAME = "image-to-image"
@@ -29,7 +28,7 @@ SDXL_KINDS = ("sdxl", "sdxl-lightning")
 class ImageToImageParams(BaseModel):
     prompt: str = Field(max_length=20_000, description="Text prompt(s) to guide image "
                         "generation. Separate multiple prompts with '|' if supported by the model.")
-    image: UploadFile = Field(description="Uploaded image to modify with the pipeline.")
+    image: Upload = Field(description="Uploaded image to modify with the pipeline.")
     model_id: str = Field("", description="Hugging Face model ID used for image generation.")
     loras: str = Field(
         "", description='A LoRA (Low-Rank Adaptation) model and its corresponding weight for '

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from fastapi import UploadFile
+from pydantic import BaseModel, Field, WithJsonSchema
+
+# An uploaded file field; a Request with one is served as multipart/form-data. Its schema is
+# written as the reference contract writes it.
+Upload = Annotated[UploadFile, WithJsonSchema({"type": "string", "format": "binary"})]
 
 
 class APIError(BaseModel):

@@ -65,7 +65,8 @@ def add_generate_route(router: APIRouter, module: types.ModuleType, service: Ser
         return result
 
     if is_multipart(Request):
-        async def endpoint(request: Annotated[Request, Form()], response: Response) -> BaseModel:
+        async def endpoint(request: Annotated[Request, Form(media_type="multipart/form-data")],
+                           response: Response) -> BaseModel:
             return await respond(request, response)
     else:
         async def endpoint(request: Request, response: Response) -> BaseModel:

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import decode_png_url, wait_ready
+from tests.conftest import decode_png_url, png_bytes, wait_ready
 
 
 def free_port() -> int:
@@ -20,12 +20,13 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def runner_process(tmp_path):
+def runner_process(tmp_path, request):
     port = free_port()
     env = {**os.environ, "PIPELINE": "text-to-image", "HOST": "127.0.0.1", "PORT": str(port),
            "TINY_DIR": str(tmp_path / "tiny"), "SFAST": "true", "DEEPCACHE": "false",
            "VERSION": "9.9.9", "AUTH_TOKEN": ""}
     env.pop("TINY", None)
+    env.update(getattr(request, "param", {}))
     env.pop("DEVICE", None)
     log = open(tmp_path / "runner.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "runner"], env=env, stdout=log,
@@ -61,3 +62,28 @@ def test_python_m_runner_serves_tiny_text_to_image(runner_process):
     text = log.read()
     assert "optimisation flag SFAST=true accepted but not implemented" in text
     assert "tiny mode" in text
+
+
+@pytest.mark.parametrize("runner_process", [
+    {"PIPELINE": "image-to-image,image-to-video,upscale", "TINY": "1"}], indirect=True)
+def test_several_pipelines_in_one_process(runner_process):
+    url, _ = runner_process
+    first_answer(url, time.monotonic() + 60)
+    image = {"image": ("in.png", png_bytes(64, 64), "image/png")}
+    with httpx.Client(base_url=url, timeout=120) as http:
+        assert wait_ready(http) == "OK"
+        warm = {m["id"] for m in http.get("/models").json()["models"]}
+        assert {"timbrooks/instruct-pix2pix", "stabilityai/stable-video-diffusion-img2vid-xt",
+                "stabilityai/stable-diffusion-x4-upscaler"} <= warm
+        r = http.post("/image-to-image", files=image,
+                      data={"prompt": "snow", "num_inference_steps": "2"})
+        assert r.status_code == 200, r.text
+        r = http.post("/image-to-video", files=image, data={
+            "width": "64", "height": "64", "num_inference_steps": "1", "output_format": "mp4"})
+        assert r.status_code == 200, r.text
+        assert r.json()["frames"][0][0]["url"].startswith("data:video/mp4;base64,")
+        r = http.post("/upscale", files={"image": ("in.png", png_bytes(16, 16), "image/png")},
+                      data={"prompt": "a cat", "num_inference_steps": "2"})
+        assert r.status_code == 200, r.text
+        assert decode_png_url(r.json()["images"][0]["url"]).size == (64, 64)
+        assert http.post("/text-to-image", json={"prompt": "x"}).status_code == 404

@@ -8,19 +8,19 @@ import json
 import time
 from pathlib import Path
 
-from fastapi import UploadFile
 from pydantic import BaseModel, Field
 
 from runner.errors import BadRequest
 from runner.hub import ModelFiles, writing_snapshot
 from runner.media import decode_image
+from runner.protocol import Upload
 from runner.registry import ModelEntry
 
 NAME = "echo-image"
 
 
 class EchoParams(BaseModel):
-    image: UploadFile = Field(description="Any image.")
+    image: Upload = Field(description="Any image.")
     model_id: str = ""
     strength: float = Field(0.8, ge=0, le=1)
     flag: bool = False

@@ -1,0 +1,198 @@
+"""Generate a video from an input image.
+
+Stable Video Diffusion (img2vid-xt and xt-1-1, 25 frames). The input image and a sample of the
+output frames go through the safety checker; when any is flagged, every frame is. Frames come
+back as PNG data URLs in one batch, as the contract says, or with `output_format=mp4` as one
+H.264 video in a `data:video/mp4` URL.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from pipelines import _diffusion as diffusion
+from runner import safety
+from runner.device import Device
+from runner.errors import BadRequest
+from runner.hub import ModelFiles, writing_snapshot
+from runner.media import data_url, decode_image
+from runner.protocol import Media, Upload
+from runner.registry import ModelEntry
+
+NAME = "image-to-video"
+MIN_SIDE = 64
+MAX_SIDE = 1024
+SIZE_MULTIPLE = 8  # SVD's latents are 1/8 of the frame size
+SAFETY_SAMPLES = 4  # output frames checked, evenly spaced, first and last included
+
+
+class ImageToVideoParams(BaseModel):
+    image: Upload = Field(description="Uploaded image to generate a video from.")
+    model_id: str = Field("", description="Hugging Face model ID used for video generation.")
+    height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="The height in "
+                               "pixels of the generated video, a multiple of 8; default: the "
+                               "model's own.")
+    width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="The width in pixels "
+                              "of the generated video, a multiple of 8; default: the model's "
+                              "own.")
+    fps: int | None = Field(None, ge=1, le=60, description="The frames per second of the "
+                            "generated video.")
+    motion_bucket_id: int | None = Field(
+        None, ge=0, le=1023, description="Used for conditioning the amount of motion for the "
+        "generation. The higher the number the more motion will be in the video.")
+    noise_aug_strength: float | None = Field(
+        None, ge=0, le=10, description="Amount of noise added to the conditioning image. "
+        "Higher values reduce resemblance to the conditioning image and increase motion.")
+    safety_check: bool = Field(True, description="Perform a safety check to estimate if "
+                               "generated images could be offensive or harmful.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1,
+                             description="Seed for random number generation.")
+    num_inference_steps: int | None = Field(
+        None, ge=1, le=150, description="Number of denoising steps. More steps usually lead to "
+        "higher quality images but slower inference; default: the model's own.")
+    output_format: Literal["frames", "mp4"] | None = Field(
+        None, description="`frames` (default): one PNG data URL per frame; `mp4`: the whole "
+        "video as one H.264 `data:video/mp4` URL.")
+
+
+class VideoResponse(BaseModel):
+    """Response model for video generation."""
+
+    frames: list[list[Media]] = Field(description="The generated video frames.")
+
+
+Request = ImageToVideoParams
+Response = VideoResponse
+
+
+def load(entry: ModelEntry, files: ModelFiles, device: Device) -> diffusion.DiffusionModel:
+    from diffusers import StableVideoDiffusionPipeline
+
+    diffusion.quiet_loading()
+    folder = files.folder(entry.main.repo, entry.main.revision)
+    pipe = StableVideoDiffusionPipeline.from_pretrained(
+        folder, dtype=device.dtype(entry.dtype),
+        variant=diffusion.variant_if_present(folder, entry.variant))
+    # No channels_last here: the UNet's temporal Conv3d weights are 5-D, and torch refuses
+    # channels_last for them ("required rank 4 tensor").
+    return diffusion.finish_loading(pipe, device, scheduler=None)
+
+
+def run(model: diffusion.DiffusionModel, request: ImageToVideoParams, ctx) -> VideoResponse:
+    import torch
+
+    pipe, options = model.pipe, ctx.entry.options
+    # 1. Frame size the model can take (latents are 1/8 of it), then the upload.
+    for name in ("height", "width"):
+        value = getattr(request, name)
+        if value % SIZE_MULTIPLE:
+            raise BadRequest(f"{name} must be a multiple of {SIZE_MULTIPLE}, got {value}")
+    image = decode_image(request.image.file.read(), ctx.settings.max_image_pixels)
+    # 2. The input image is checked first: a flagged one makes every frame flagged, and
+    #    under the black policy the video is not generated at all.
+    _, (flagged,) = ctx.check_safety([image])
+    num_frames = int(options.get("num_frames") or pipe.unet.config.num_frames)
+    (seed,) = diffusion.seeds(request.seed, 1)
+    if flagged and ctx.settings.safety_policy == "black":
+        frames = [Image.new("RGB", (request.width, request.height))] * num_frames
+    else:
+        # 3. Denoise all frames in one call; the VAE decodes them in chunks.
+        (generator,) = diffusion.generators(model.device, [seed])
+        with ctx.stage("denoise"), torch.inference_mode():
+            frames = pipe(
+                image, height=request.height, width=request.width, num_frames=num_frames,
+                num_inference_steps=request.num_inference_steps, fps=request.fps,
+                motion_bucket_id=request.motion_bucket_id,
+                noise_aug_strength=request.noise_aug_strength,
+                decode_chunk_size=int(options.get("decode_chunk_size", 8)),
+                generator=generator).frames[0]
+        # 4. A sample of the output frames in one batched check; if the input or any
+        #    sampled frame is flagged, the operator's policy applies to every frame.
+        if not flagged:
+            _, sample_flags = ctx.check_safety([frames[i] for i in sample(len(frames))])
+            flagged = any(sample_flags)
+        if flagged:
+            frames = safety.apply_policy(frames, [True] * len(frames),
+                                         ctx.settings.safety_policy)
+    # 5. One batch: a PNG data URL per frame, or the whole video as one mp4 data URL.
+    with ctx.stage("encode"):
+        if request.output_format == "mp4":
+            urls = [data_url("video/mp4", encode_mp4(frames, request.fps))]
+        else:
+            urls = [ctx.encode_png(frame) for frame in frames]
+    return VideoResponse(frames=[[Media(url=url, seed=seed, nsfw=flagged) for url in urls]])
+
+
+def sample(count: int, most: int = SAFETY_SAMPLES) -> list[int]:
+    """Up to `most` evenly spaced indices of `count` frames, first and last included."""
+    if count <= most:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / (most - 1)) for i in range(most)})
+
+
+def encode_mp4(frames: list[Any], fps: int) -> bytes:
+    """H.264 in an mp4 container, in memory; frame sides are even (multiples of 8)."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_image(frame)))
+        container.mux(stream.encode())  # flush the encoder's delayed frames
+    return buf.getvalue()
+
+
+# -- tiny checkpoint for CPU mode ------------------------------------------------------------
+# The SVD config measured in ../shared/notes/tiny-models-diffusion.md, with a 4-block temporal
+# VAE so the latent factor is the real 8: 25 frames at 64x64 and 2 steps take under 1 s.
+
+def tiny_svd_pipeline() -> Any:
+    import torch
+    from diffusers import (
+        AutoencoderKLTemporalDecoder,
+        EulerDiscreteScheduler,
+        StableVideoDiffusionPipeline,
+        UNetSpatioTemporalConditionModel,
+    )
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    unet = UNetSpatioTemporalConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=8,
+        out_channels=4, down_block_types=("CrossAttnDownBlockSpatioTemporal",
+                                          "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        cross_attention_dim=32, num_attention_heads=(2, 4),
+        projection_class_embeddings_input_dim=96, addition_time_embed_dim=32, num_frames=4,
+    )
+    vae = AutoencoderKLTemporalDecoder(
+        block_out_channels=[32, 32, 64, 64], down_block_types=["DownEncoderBlock2D"] * 4,
+        latent_channels=4, layers_per_block=1, scaling_factor=0.18215,
+    )
+    # SVD resizes its input to 224x224 for the CLIP image encoder, whatever the frame size.
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, image_size=224, patch_size=32))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        interpolation_type="linear", prediction_type="v_prediction", sigma_max=700.0,
+        sigma_min=0.002, steps_offset=1, timestep_spacing="leading",
+        timestep_type="continuous", use_karras_sigmas=True,
+    )
+    return StableVideoDiffusionPipeline(
+        vae=vae, image_encoder=encoder, unet=unet, scheduler=scheduler,
+        feature_extractor=CLIPImageProcessor(crop_size=224, size=224),
+    )
+
+
+def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
+    with writing_snapshot(model_dir, entry.main.repo) as folder:
+        diffusion.save_pipeline(tiny_svd_pipeline(), folder)
