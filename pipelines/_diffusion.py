@@ -84,26 +84,34 @@ LIGHTNING_PIPELINES = {"text-to-image": "StableDiffusionXLPipeline",
                        "image-to-image": "StableDiffusionXLImg2ImgPipeline"}
 
 
+def from_folder(cls: Any, entry: ModelEntry, files: ModelFiles, device: Device,
+                **kwargs: Any) -> Any:
+    """`cls.from_pretrained` on the entry's snapshot at the serving dtype, fp16 files where
+    the snapshot has them."""
+    quiet_loading()
+    folder = files.folder(entry.main.repo, entry.main.revision)
+    return cls.from_pretrained(folder, dtype=device.dtype(entry.dtype),
+                               variant=variant_if_present(folder, entry.variant), **kwargs)
+
+
 def load_family(entry: ModelEntry, files: ModelFiles, device: Device) -> DiffusionModel:
     """The SD/SDXL families for text-to-image and image-to-image, by the entry's kind:
     `sd`, `sdxl` (auto pipelines), `sdxl-lightning` (a step-distilled UNet file on the SDXL
     base) and `pix2pix` (InstructPix2Pix)."""
     import diffusers
 
-    quiet_loading()
-    folder = files.folder(entry.main.repo, entry.main.revision)
-    options: dict[str, Any] = dict(dtype=device.dtype(entry.dtype),
-                                   variant=variant_if_present(folder, entry.variant))
+    options: dict[str, Any] = {}
     if entry.kind in ("sd", "pix2pix"):  # images are checked by the runner's batched checker
         options.update(safety_checker=None, requires_safety_checker=False)
     if entry.kind == "sdxl-lightning":
         cls = getattr(diffusers, LIGHTNING_PIPELINES[entry.pipeline])
-        options["unet"] = lightning_unet(entry, files, folder, device)
+        base = files.folder(entry.main.repo, entry.main.revision)
+        options["unet"] = lightning_unet(entry, files, base, device)
     elif entry.kind == "pix2pix":
         cls = diffusers.StableDiffusionInstructPix2PixPipeline
     else:
         cls = getattr(diffusers, AUTO_PIPELINES[entry.pipeline])
-    pipe = cls.from_pretrained(folder, **options)
+    pipe = from_folder(cls, entry, files, device, **options)
     return finish_loading(pipe, device, entry.options.get("scheduler"))
 
 

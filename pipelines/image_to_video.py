@@ -73,11 +73,7 @@ Response = VideoResponse
 def load(entry: ModelEntry, files: ModelFiles, device: Device) -> diffusion.DiffusionModel:
     from diffusers import StableVideoDiffusionPipeline
 
-    diffusion.quiet_loading()
-    folder = files.folder(entry.main.repo, entry.main.revision)
-    pipe = StableVideoDiffusionPipeline.from_pretrained(
-        folder, dtype=device.dtype(entry.dtype),
-        variant=diffusion.variant_if_present(folder, entry.variant))
+    pipe = diffusion.from_folder(StableVideoDiffusionPipeline, entry, files, device)
     # No channels_last here: the UNet's temporal Conv3d weights are 5-D, and torch refuses
     # channels_last for them ("required rank 4 tensor").
     return diffusion.finish_loading(pipe, device, scheduler=None)

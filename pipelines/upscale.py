@@ -59,11 +59,8 @@ def load(entry: ModelEntry, files: ModelFiles, device: Device) -> diffusion.Diff
     import torch
     from diffusers import StableDiffusionUpscalePipeline
 
-    diffusion.quiet_loading()
-    folder = files.folder(entry.main.repo, entry.main.revision)
-    pipe = StableDiffusionUpscalePipeline.from_pretrained(
-        folder, dtype=device.dtype(entry.dtype),
-        variant=diffusion.variant_if_present(folder, entry.variant),
+    pipe = diffusion.from_folder(
+        StableDiffusionUpscalePipeline, entry, files, device,
         # Images are checked by the runner's batched checker after run(); the diffusers
         # upscaler expects an IF-style checker and fails with the SD one.
         safety_checker=None, feature_extractor=None, watermarker=None,

@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -86,23 +87,41 @@ def app_client() -> Iterator[Callable[..., TestClient]]:
         client.__exit__(None, None, None)
 
 
+@contextmanager
+def serving(pipeline: str, tiny_dir: Path, modules: dict | None = None,
+            **settings) -> Iterator[TestClient]:
+    """A started, ready TestClient for `pipeline` in tiny mode."""
+    settings = Settings(pipeline=pipeline, tiny=True, device="cpu", tiny_dir=tiny_dir,
+                        **settings)
+    with TestClient(create_app(settings, modules), raise_server_exceptions=False) as client:
+        assert wait_ready(client) == "OK"
+        yield client
+
+
+@pytest.fixture(scope="session")
+def flagging_dir(tmp_path_factory) -> Path:
+    """A tiny-model folder whose safety checker flags every image."""
+    from runner import safety
+    from runner.registry import ModelEntry
+
+    model_dir = tmp_path_factory.mktemp("tiny-flagging")
+    entry = ModelEntry(id="CompVis/stable-diffusion-safety-checker", kind="clip-safety-checker")
+    safety.build_tiny(entry, model_dir, flag_everything=True)
+    return model_dir
+
+
 @pytest.fixture(scope="module")
 def t2i(tmp_path_factory) -> Iterator[TestClient]:
     """A text-to-image app in tiny mode, shared by a test module."""
-    settings = Settings(pipeline="text-to-image", tiny=True, device="cpu",
-                        tiny_dir=tmp_path_factory.getbasetemp() / "tiny-models-t2i")
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        assert wait_ready(client) == "OK"
-        yield client
+    with serving("text-to-image", tmp_path_factory.getbasetemp() / "tiny-models-t2i") as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
 def echo(tmp_path_factory) -> Iterator[TestClient]:
     """The echo test pipeline in tiny mode, shared by a test module."""
-    settings = Settings(pipeline="echo-image", tiny=True, device="cpu", models_file=ECHO_MODELS,
-                        tiny_dir=tmp_path_factory.getbasetemp() / "tiny-models-echo")
-    with TestClient(create_app(settings, echo_modules()), raise_server_exceptions=False) as c:
-        assert wait_ready(c) == "OK"
+    with serving("echo-image", tmp_path_factory.getbasetemp() / "tiny-models-echo",
+                 echo_modules(), models_file=ECHO_MODELS) as c:
         yield c
 
 

@@ -5,24 +5,18 @@ import json
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from pipelines import _diffusion as diffusion
-from runner.app import create_app
 from runner.hub import writing_snapshot
-from runner.settings import Settings
-from tests.conftest import decode_png_url, png_bytes, wait_ready
+from tests.conftest import decode_png_url, png_bytes, serving
 from tests.support.contract import assert_valid
 
 
 @pytest.fixture(scope="module")
 def i2i(tmp_path_factory):
-    settings = Settings(pipeline="image-to-image", tiny=True, device="cpu",
-                        tiny_dir=tmp_path_factory.getbasetemp() / "tiny-models-i2i")
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        assert wait_ready(client) == "OK"
-        yield client
+    with serving("image-to-image", tmp_path_factory.getbasetemp() / "tiny-models-i2i") as c:
+        yield c
 
 
 def post(client, image=None, **fields):
@@ -119,3 +113,8 @@ def test_missing_or_undecodable_image(i2i):
     assert r.status_code == 422
     r = post(i2i, b"\x89PNG\r\n\x1a\n broken")
     assert r.status_code == 400 and "could not be decoded" in r.json()["detail"]["msg"]
+
+
+def test_empty_upload_is_400(i2i):
+    r = post(i2i, b"")
+    assert r.status_code == 400 and "empty" in r.json()["detail"]["msg"]

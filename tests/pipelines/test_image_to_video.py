@@ -13,14 +13,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from pipelines import image_to_video
-from runner import safety
-from runner.app import create_app
 from runner.device import Device
 from runner.hub import ModelFiles
 from runner.registry import ModelEntry, Registry
 from runner.service import RunContext
-from runner.settings import Settings
-from tests.conftest import decode_png_url, png_bytes, wait_ready
+from tests.conftest import decode_png_url, png_bytes, serving
 from tests.support.contract import assert_valid
 
 FRAMES = 25  # models.yaml: options.num_frames of both SVD xt models
@@ -54,11 +51,8 @@ def pixels(frame: dict) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def i2v(tmp_path_factory) -> Iterator[TestClient]:
-    settings = Settings(pipeline="image-to-video", tiny=True, device="cpu",
-                        tiny_dir=tmp_path_factory.getbasetemp() / "tiny-models-i2v")
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        assert wait_ready(client) == "OK"
-        yield client
+    with serving("image-to-video", tmp_path_factory.getbasetemp() / "tiny-models-i2v") as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -160,20 +154,9 @@ def test_trailing_slash_route(i2v):
 
 # -- safety --------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def flagging_dir(tmp_path_factory):
-    """A tiny-model folder whose safety checker flags every image."""
-    model_dir = tmp_path_factory.mktemp("tiny-flagging-i2v")
-    safety.build_tiny(SAFETY_CHECKER, model_dir, flag_everything=True)
-    return model_dir
-
-
 @pytest.mark.parametrize("policy", ["black", "blur"])
 def test_a_flagged_input_flags_every_frame(flagging_dir, policy):
-    settings = Settings(pipeline="image-to-video", tiny=True, device="cpu",
-                        tiny_dir=flagging_dir, safety_policy=policy)
-    with TestClient(create_app(settings)) as client:
-        wait_ready(client)
+    with serving("image-to-video", flagging_dir, safety_policy=policy) as client:
         checked = generate(client, seed=5)
         unchecked = generate(client, seed=5, safety_check="false") if policy == "blur" else []
     assert len(checked) == FRAMES and all(f["nsfw"] for f in checked)

@@ -4,15 +4,10 @@ import json
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
 from pipelines import _diffusion as diffusion
-from runner import safety
-from runner.app import create_app
 from runner.hub import writing_snapshot
-from runner.registry import ModelEntry
-from runner.settings import Settings
-from tests.conftest import decode_png_url, wait_ready
+from tests.conftest import decode_png_url, serving
 
 SMALL = {"width": 64, "height": 64}
 
@@ -135,21 +130,9 @@ def test_lora_errors_are_400(t2i, loras, value, message):
 
 # -- safety --------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def flagging_dir(tmp_path_factory):
-    """A tiny-model folder whose safety checker flags every image."""
-    model_dir = tmp_path_factory.mktemp("tiny-flagging")
-    entry = ModelEntry(id="CompVis/stable-diffusion-safety-checker", kind="clip-safety-checker")
-    safety.build_tiny(entry, model_dir, flag_everything=True)
-    return model_dir
-
-
 @pytest.mark.parametrize("policy", ["black", "blur", "flag"])
 def test_flagged_images_follow_the_safety_policy(flagging_dir, policy):
-    settings = Settings(pipeline="text-to-image", tiny=True, device="cpu",
-                        tiny_dir=flagging_dir, safety_policy=policy)
-    with TestClient(create_app(settings)) as client:
-        wait_ready(client)
+    with serving("text-to-image", flagging_dir, safety_policy=policy) as client:
         checked = generate(client, seed=5, num_images_per_prompt=2)
         unchecked = generate(client, seed=5, num_images_per_prompt=2, safety_check=False)
     assert [i["nsfw"] for i in checked] == [True, True]

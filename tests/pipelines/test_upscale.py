@@ -8,15 +8,12 @@ import io
 import numpy as np
 import pytest
 import yaml
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from pipelines import upscale
-from runner import safety
-from runner.app import create_app
 from runner.registry import ModelEntry
 from runner.settings import Settings
-from tests.conftest import decode_png_url, png_bytes, wait_ready
+from tests.conftest import decode_png_url, png_bytes, serving
 from tests.support.contract import assert_valid
 
 FAST = {"num_inference_steps": "2"}
@@ -56,21 +53,11 @@ def size(media: dict) -> tuple[int, int]:
     return decode_png_url(media["url"]).size
 
 
-def start(settings: Settings):
-    client = TestClient(create_app(settings), raise_server_exceptions=False)
-    client.__enter__()
-    assert wait_ready(client) == "OK"
-    return client
-
-
 @pytest.fixture(scope="module")
 def up(tmp_path_factory):
     """The upscale app in tiny mode; its warm-up builds and loads the tiny checkpoint."""
-    settings = Settings(pipeline="upscale", tiny=True, device="cpu",
-                        tiny_dir=tmp_path_factory.getbasetemp() / "tiny-models-upscale")
-    client = start(settings)
-    yield client
-    client.__exit__(None, None, None)
+    with serving("upscale", tmp_path_factory.getbasetemp() / "tiny-models-upscale") as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +71,8 @@ def capped(up, tmp_path_factory):
     models_file = tmp_path_factory.mktemp("upscale-capped") / "models.yaml"
     models_file.write_text(yaml.safe_dump({"safety_checker": spec["safety_checker"],
                                            "pipelines": {"upscale": group}}))
-    settings = Settings(pipeline="upscale", tiny=True, device="cpu", models_file=models_file,
-                        tiny_dir=up.app.state.service.model_dir)
-    client = start(settings)
-    yield client
-    client.__exit__(None, None, None)
+    with serving("upscale", up.app.state.service.model_dir, models_file=models_file) as client:
+        yield client
 
 
 def test_output_is_four_times_the_input_and_matches_the_contract(up):
@@ -203,16 +187,10 @@ def test_missing_image_is_422(up):
     assert any(item["loc"][-1] == "image" for item in r.json()["detail"])
 
 
-def test_flagged_outputs_are_blacked_out(up, tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("tiny-upscale-flagging")
-    entry = ModelEntry(id="CompVis/stable-diffusion-safety-checker", kind="clip-safety-checker")
-    safety.build_tiny(entry, model_dir, flag_everything=True)
-    client = start(Settings(pipeline="upscale", tiny=True, device="cpu", tiny_dir=model_dir))
-    try:
+def test_flagged_outputs_are_blacked_out(flagging_dir):
+    with serving("upscale", flagging_dir) as client:
         checked = upscaled(client, noise_png(16, 16), seed="5")
         unchecked = upscaled(client, noise_png(16, 16), seed="5", safety_check="false")
-    finally:
-        client.__exit__(None, None, None)
     assert checked["nsfw"] is True and pixels(checked).max() == 0
     assert unchecked["nsfw"] is False and pixels(unchecked).max() > 0
     assert size(checked) == size(unchecked) == (64, 64)
