@@ -12,6 +12,17 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from pipelines import _diffusion as diffusion
+from pipelines._fields import (
+    GuidanceScale,
+    Loras,
+    ModelId,
+    NegativePrompt,
+    NumImages,
+    Prompt,
+    SafetyCheck,
+    Seed,
+    Steps,
+)
 from runner.device import Device
 from runner.errors import BadRequest
 from runner.hub import ModelFiles
@@ -20,41 +31,27 @@ from runner.protocol import ImageResponse, Upload
 from runner.registry import ModelEntry
 
 NAME = "image-to-image"
-MAX_IMAGES = 8
 DEFAULT_MAX_PIXELS = 1024 * 1024
 SDXL_KINDS = ("sdxl", "sdxl-lightning")
 
 
 class ImageToImageParams(BaseModel):
-    prompt: str = Field(max_length=20_000, description="Text prompt(s) to guide image "
-                        "generation. Separate multiple prompts with '|' if supported by the model.")
+    prompt: Prompt
     image: Upload = Field(description="Uploaded image to modify with the pipeline.")
-    model_id: str = Field("", description="Hugging Face model ID used for image generation.")
-    loras: str = Field(
-        "", description='A LoRA (Low-Rank Adaptation) model and its corresponding weight for '
-        'image generation. Example: { "latent-consistency/lcm-lora-sdxl": 1.0, '
-        '"nerijs/pixel-art-xl": 1.2}.')
+    model_id: ModelId = ""
+    loras: Loras = ""
     strength: float | None = Field(
         None, ge=0, le=1, description="Degree of transformation applied to the reference image "
         "(0 to 1); default: the model's own.")
-    guidance_scale: float | None = Field(
-        None, ge=0, le=50, description="Encourages model to generate images closely linked to "
-        "the text prompt (higher values may reduce image quality); default: the model's own.")
+    guidance_scale: GuidanceScale = None
     image_guidance_scale: float | None = Field(
         None, ge=0, le=50, description="Degree to which the generated image is pushed towards "
         "the initial image (InstructPix2Pix); default: the model's own.")
-    negative_prompt: str = Field("", max_length=20_000, description="Text prompt(s) to guide "
-                                 "what to exclude from image generation. Ignored if "
-                                 "guidance_scale < 1.")
-    safety_check: bool = Field(True, description="Perform a safety check to estimate if "
-                               "generated images could be offensive or harmful.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for random number "
-                             "generation; image i uses seed+i.")
-    num_inference_steps: int | None = Field(
-        None, ge=1, le=150, description="Number of denoising steps, modulated by strength; "
-        "default: the model's own.")
-    num_images_per_prompt: int = Field(1, ge=1, le=MAX_IMAGES,
-                                       description="Number of images to generate per prompt.")
+    negative_prompt: NegativePrompt = ""
+    safety_check: SafetyCheck = True
+    seed: Seed = None
+    num_inference_steps: Steps = None
+    num_images_per_prompt: NumImages = 1
 
 
 Request = ImageToImageParams

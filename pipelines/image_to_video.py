@@ -16,6 +16,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from pipelines import _diffusion as diffusion
+from pipelines._fields import ModelId, SafetyCheck, Seed, Steps
 from runner import safety
 from runner.device import Device
 from runner.errors import BadRequest
@@ -33,7 +34,7 @@ SAFETY_SAMPLES = 4  # output frames checked, evenly spaced, first and last inclu
 
 class ImageToVideoParams(BaseModel):
     image: Upload = Field(description="Uploaded image to generate a video from.")
-    model_id: str = Field("", description="Hugging Face model ID used for video generation.")
+    model_id: ModelId = ""
     height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="The height in "
                                "pixels of the generated video, a multiple of 8; default: the "
                                "model's own.")
@@ -48,13 +49,9 @@ class ImageToVideoParams(BaseModel):
     noise_aug_strength: float | None = Field(
         None, ge=0, le=10, description="Amount of noise added to the conditioning image. "
         "Higher values reduce resemblance to the conditioning image and increase motion.")
-    safety_check: bool = Field(True, description="Perform a safety check to estimate if "
-                               "generated images could be offensive or harmful.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1,
-                             description="Seed for random number generation.")
-    num_inference_steps: int | None = Field(
-        None, ge=1, le=150, description="Number of denoising steps. More steps usually lead to "
-        "higher quality images but slower inference; default: the model's own.")
+    safety_check: SafetyCheck = True
+    seed: Seed = None
+    num_inference_steps: Steps = None
     output_format: Literal["frames", "mp4"] | None = Field(
         None, description="`frames` (default): one PNG data URL per frame; `mp4`: the whole "
         "video as one H.264 `data:video/mp4` URL.")

@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from pipelines import _diffusion as diffusion
+from pipelines._fields import ModelId, Prompt, SafetyCheck, Seed, Steps
 from runner.device import Device
 from runner.hub import ModelFiles, writing_snapshot
 from runner.media import decode_image
@@ -37,18 +38,12 @@ DEFAULT_VAE_TILING_ABOVE_PIXELS = 1024 * 1024
 
 
 class UpscaleParams(BaseModel):
-    prompt: str = Field(max_length=20_000,
-                        description="Text prompt(s) to guide upscaled image generation.")
+    prompt: Prompt
     image: Upload = Field(description="Uploaded image to modify with the pipeline.")
-    model_id: str = Field("", description="Hugging Face model ID used for upscaled image "
-                          "generation.")
-    safety_check: bool = Field(True, description="Perform a safety check to estimate if "
-                               "generated images could be offensive or harmful.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1,
-                             description="Seed for random number generation.")
-    num_inference_steps: int | None = Field(
-        None, ge=1, le=150, description="Number of denoising steps. More steps usually lead to "
-        "higher quality images but slower inference; default: the model's own.")
+    model_id: ModelId = ""
+    safety_check: SafetyCheck = True
+    seed: Seed = None
+    num_inference_steps: Steps = None
 
 
 Request = UpscaleParams
