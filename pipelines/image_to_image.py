@@ -31,6 +31,7 @@ from runner.protocol import ImageResponse, Upload
 from runner.registry import ModelEntry
 
 NAME = "image-to-image"
+REQUIRES = ("diffusers", "transformers")
 DEFAULT_MAX_PIXELS = 1024 * 1024
 SDXL_KINDS = ("sdxl", "sdxl-lightning")
 

@@ -26,6 +26,7 @@ from runner.protocol import Media, Upload
 from runner.registry import ModelEntry
 
 NAME = "image-to-video"
+REQUIRES = ("diffusers", "transformers", "av")
 MIN_SIDE = 64
 MAX_SIDE = 1024
 SIZE_MULTIPLE = 8  # SVD's latents are 1/8 of the frame size

@@ -28,6 +28,7 @@ from runner.protocol import ImageResponse
 from runner.registry import ModelEntry
 
 NAME = "text-to-image"
+REQUIRES = ("diffusers", "transformers")
 MAX_SIDE = 2048
 
 

@@ -31,6 +31,7 @@ from runner.protocol import ImageResponse, Upload
 from runner.registry import ModelEntry
 
 NAME = "upscale"
+REQUIRES = ("diffusers", "transformers")
 SCALE = 4  # the x4 upscaler's fixed factor: output side = 4 x input side
 MULTIPLE = 8  # input sides are cut to this: the UNet downsamples its input-sized latents 3 times
 DEFAULT_MAX_INPUT_PIXELS = 512 * 512  # -> 2048x2048 out

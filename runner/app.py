@@ -27,6 +27,10 @@ def build_service(settings: Settings,
     names = settings.pipeline_names(sorted(available))
     unknown = [n for n in names if n not in available]
     if unknown:
+        elsewhere = [n for n in unknown if n in discover(installed_only=False)]
+        if elsewhere:
+            raise ValueError(f"{elsewhere} cannot be served from this environment (their "
+                             "libraries are not installed); see the README for its environment")
         raise ValueError(f"PIPELINE names unknown pipelines {unknown}; "
                          f"available: {', '.join(sorted(available))}")
     served = {n: available[n] for n in names}

@@ -8,7 +8,7 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from runner.errors import BadRequest
+from runner.errors import BadRequest, UnsupportedMedia
 
 
 def data_url(mime: str, payload: bytes) -> str:
@@ -51,3 +51,46 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning,
             OSError, ValueError, SyntaxError) as exc:
         raise BadRequest(f"the uploaded image could not be decoded: {exc}") from exc
+
+
+def decode_audio(data: bytes, rate: int = 16_000, max_seconds: float | None = None):
+    """Any container PyAV (FFmpeg) reads (wav, flac, mp3, mp4/m4a, webm, ogg) as mono float32
+    samples at `rate`. 415 for anything undecodable; 400 once the decoded audio passes
+    `max_seconds`, checked while decoding so a long file is never decoded whole."""
+    import av
+    import numpy as np
+
+    if not data:
+        raise UnsupportedMedia("the uploaded audio is empty")
+    limit = None if max_seconds is None else int(max_seconds * rate)
+    chunks, total = [], 0
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            stream = next((s for s in container.streams if s.type == "audio"), None)
+            if stream is None:
+                raise UnsupportedMedia("the uploaded file has no audio stream")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            for frame in [*container.decode(stream), None]:  # None flushes the resampler
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+                    total += chunks[-1].size
+                if limit is not None and total > limit:
+                    raise BadRequest(f"audio is longer than the limit of {max_seconds:g} s")
+    except (BadRequest, UnsupportedMedia):
+        raise
+    except (av.error.FFmpegError, ValueError, IndexError, EOFError, OSError) as exc:
+        raise UnsupportedMedia(f"the uploaded audio could not be decoded: {exc}") from exc
+    if total == 0:
+        raise UnsupportedMedia("the uploaded audio holds no samples")
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def wav_data_url(samples, rate: int) -> str:
+    """16-bit PCM WAV of float samples in [-1, 1] (mono, or frames x channels)."""
+    import numpy as np
+    import soundfile
+
+    buf = io.BytesIO()
+    soundfile.write(buf, np.clip(np.asarray(samples, dtype=np.float32), -1, 1), rate,
+                    format="WAV", subtype="PCM_16")
+    return data_url("audio/wav", buf.getvalue())

@@ -7,12 +7,16 @@ A pipeline module (one file in `pipelines/`) defines:
   load(entry, files, device) -> model          called in a worker thread
   run(model, request, ctx) -> Response          called in a worker thread
   build_tiny(entry, model_dir) -> None          random-weight checkpoint in the layout load reads
-and may define OPERATION_ID and SUMMARY when the derived ones do not match the contract.
+and may define OPERATION_ID and SUMMARY when the derived ones do not match the contract, and
+REQUIRES, the import names it needs at run time: a pipeline whose libraries are not installed
+in this environment is not served here (text-to-speech lives in its own environment).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import logging
 import pkgutil
 import types
 import typing
@@ -24,9 +28,17 @@ from pydantic import BaseModel, TypeAdapter
 from runner.registry import ModelEntry, Registry
 
 REQUIRED = ("NAME", "Request", "Response", "load", "run", "build_tiny")
+log = logging.getLogger(__name__)
 
 
-def discover(package: str = "pipelines") -> dict[str, types.ModuleType]:
+def missing_requirements(module: types.ModuleType) -> list[str]:
+    return [name for name in getattr(module, "REQUIRES", ())
+            if importlib.util.find_spec(name) is None]
+
+
+def discover(package: str = "pipelines", installed_only: bool = True
+             ) -> dict[str, types.ModuleType]:
+    """Pipeline modules by NAME; with `installed_only`, only those whose REQUIRES import here."""
     pkg = importlib.import_module(package)
     found = {}
     for info in pkgutil.iter_modules(pkg.__path__):
@@ -36,6 +48,10 @@ def discover(package: str = "pipelines") -> dict[str, types.ModuleType]:
         missing = [attr for attr in REQUIRED if not hasattr(module, attr)]
         if missing:
             raise TypeError(f"pipeline module {module.__name__} lacks {', '.join(missing)}")
+        absent = missing_requirements(module)
+        if installed_only and absent:
+            log.debug("%s not served here: %s not installed", module.NAME, ", ".join(absent))
+            continue
         found[module.NAME] = module
     return found
 

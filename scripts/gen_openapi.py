@@ -28,11 +28,13 @@ def build_spec() -> dict:
     """The app's OpenAPI document. Every setting that can change the routes is pinned here, so
     PIPELINE, MODEL_ID or MODELS_FILE in the environment do not leak into the spec."""
     from runner.app import create_app
+    from runner.pipeline import discover
     from runner.settings import Settings
 
     settings = Settings(pipeline="all", model_id="", models_file=REPO_ROOT / "models.yaml",
                         tiny=True, device="cpu")
-    return create_app(settings).openapi()
+    # Every pipeline, installed here or not: the spec describes the whole runner.
+    return create_app(settings, discover(installed_only=False)).openapi()
 
 
 def render(spec: dict | None = None) -> str:

@@ -175,3 +175,18 @@ def test_invalid_repo_is_never_looked_up(tmp_path, repo):
     assert find_snapshot(tmp_path, repo) is None
     with pytest.raises(ModelLoadError):
         ModelFiles(tmp_path).folder(repo)
+
+
+def test_pipelines_whose_libraries_are_missing_are_not_served(monkeypatch):
+    import pytest
+
+    from runner import pipeline
+    from runner.app import build_service
+    from runner.settings import Settings
+
+    monkeypatch.setattr(pipeline, "missing_requirements",
+                        lambda m: ["diffusers"] if m.NAME == "upscale" else [])
+    assert "upscale" not in pipeline.discover()
+    assert "upscale" in pipeline.discover(installed_only=False)
+    with pytest.raises(ValueError, match="cannot be served from this environment"):
+        build_service(Settings(pipeline="upscale", tiny=True, device="cpu"))
