@@ -76,7 +76,10 @@ class Service:
                    release=free_device_memory),
             budget=int(settings.vram_budget or 0),
         )
-        self.executor = Executor(settings.max_queue)
+        # Enough worker threads for every lane to run at its limit at once, so one busy
+        # pipeline cannot take the threads another pipeline's requests need.
+        lanes = sum(e.max_concurrency for name in modules for e in registry.entries(name))
+        self.executor = Executor(settings.max_queue, threads=max(8, lanes + 1))
 
     @property
     def mode(self) -> str:
