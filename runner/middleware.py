@@ -17,7 +17,7 @@ class BodyLimit:
         self.max_bytes = max_bytes
 
     def _message(self) -> str:
-        return f"request body is larger than the limit of {self.max_bytes >> 20} MiB"
+        return f"request body is larger than the limit of {self.max_bytes / 2**20:.3g} MiB"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -30,6 +30,7 @@ ERROR_RESPONSES = {
     400: {"model": HTTPError, "description": "Bad Request"},
     401: {"model": HTTPError, "description": "Unauthorized"},
     413: {"model": HTTPError, "description": "Payload Too Large"},
+    415: {"model": HTTPError, "description": "Unsupported Media Type"},
     500: {"model": HTTPError, "description": "Internal Server Error"},
     503: {"model": HTTPError, "description": "Service Unavailable"},
 }
