@@ -1,11 +1,13 @@
 # The two commands a newcomer needs: `make serve` and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
-EXTRAS ?= diffusion,dev
+EXTRAS ?= diffusion,speech-vision,dev
+TTS_VENV ?= .venv-tts
 PIPELINE ?= all
 PY := $(VENV)/bin/python
+TTS_PY := $(TTS_VENV)/bin/python
 
-.PHONY: install serve test test-gpu lint openapi tiny-models
+.PHONY: install install-tts serve serve-tts test test-gpu lint openapi tiny-models
 
 # torch comes from constraints.txt in this same pip command, so pip never reaches for CUDA wheels.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -16,11 +18,26 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+# text-to-speech's own environment (parler-tts needs transformers <= 4.51). torchaudio's PyPI
+# wheel links CUDA torch; its compiled ops are unused (audio is resampled in-app), so they go.
+$(TTS_VENV)/.installed: pyproject.toml constraints-tts.txt
+	$(PYTHON) -m venv $(TTS_VENV)
+	$(TTS_VENV)/bin/pip install -q --no-cache-dir -c constraints-tts.txt -e '.[tts,dev]'
+	rm -f $(TTS_VENV)/lib/python*/site-packages/torchaudio/lib/*.so
+	$(TTS_PY) -c "import parler_tts"
+	touch $@
+
+install-tts: $(TTS_VENV)/.installed
+
 serve: install
 	PIPELINE=$(PIPELINE) $(PY) -m runner
 
-test: install
+serve-tts: install-tts
+	PIPELINE=text-to-speech $(TTS_PY) -m runner
+
+test: install install-tts
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(TTS_PY) -m pytest -q tests/tts
 
 # Exit 5 means pytest collected nothing: no CUDA on this machine, which is not a failure.
 test-gpu: install

@@ -35,7 +35,7 @@ from runner.protocol import Upload
 from runner.registry import ModelEntry
 
 NAME = "audio-to-text"
-REQUIRES = ("transformers", "av")
+REQUIRES = ("transformers>=4.56", "av")
 RATE = 16_000  # Whisper's feature extractor works at 16 kHz
 DEFAULT_MAX_SECONDS = 2 * 60 * 60
 DEFAULT_CHUNK_LENGTH_S = 30

@@ -43,7 +43,7 @@ from runner.protocol import Upload
 from runner.registry import ModelEntry
 
 NAME = "image-to-text"
-REQUIRES = ("transformers",)
+REQUIRES = ("transformers>=4.56",)
 MAX_PROMPT_CHARS = 1000  # the real models read at most 512 tokens, caption included
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_BATCH_WINDOW_MS = 10.0

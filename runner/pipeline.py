@@ -32,8 +32,25 @@ log = logging.getLogger(__name__)
 
 
 def missing_requirements(module: types.ModuleType) -> list[str]:
-    return [name for name in getattr(module, "REQUIRES", ())
-            if importlib.util.find_spec(name) is None]
+    """REQUIRES entries not satisfied here: an import name, optionally with a version range
+    of the distribution of the same name (`"transformers>=4.56"`)."""
+    return [spec for spec in getattr(module, "REQUIRES", ()) if not _satisfied(spec)]
+
+
+def _satisfied(spec: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    requirement = Requirement(spec)
+    if importlib.util.find_spec(requirement.name) is None:
+        return False
+    if not requirement.specifier:
+        return True
+    try:
+        return requirement.specifier.contains(version(requirement.name), prereleases=True)
+    except PackageNotFoundError:
+        return False
 
 
 def discover(package: str = "pipelines", installed_only: bool = True

@@ -26,9 +26,15 @@ def main() -> None:
     parser.add_argument("--pipeline", default="all")
     parser.add_argument("--model", default=None)
     args = parser.parse_args()
-    modules = {**discover(), "safety": safety}
+    modules = discover()  # only the pipelines this environment can serve
     registry = Registry.load(ROOT / "models.yaml")
-    for entry in selected_entries(registry, args.pipeline, args.model):
+    names = sorted(modules) if args.pipeline == "all" else args.pipeline.split(",")
+    unavailable = [n for n in names if n not in modules]
+    if unavailable:
+        raise SystemExit(f"{unavailable} cannot be built in this environment")
+    needs_safety = any("safety_check" in modules[n].Request.model_fields for n in names)
+    modules["safety"] = safety
+    for entry in selected_entries(registry, ",".join(names), args.model, needs_safety):
         if ModelFiles(args.dir).present(entry.sources()):
             print(f"present  {entry.id}")
             continue
