@@ -86,6 +86,11 @@ class ModelCache:
     def describe(self) -> list[dict[str, Any]]:
         return [s.describe() for s in self._slots.values()]
 
+    def resident(self, entry: ModelEntry) -> Any:
+        """The loaded model of `entry`, or None; for inspection, not for serving requests."""
+        slot = self._slots.get(self.key(entry))
+        return slot.model if slot is not None and slot.state == "ready" else None
+
     def is_ready(self, entry: ModelEntry) -> bool:
         slot = self._slots.get(self.key(entry))
         return slot is not None and slot.state == "ready"

@@ -33,7 +33,10 @@ def safetensors_bytes(path: Path, float_bytes: int) -> int:
 
 
 def weight_files(folder: Path, variant: str | None) -> list[Path]:
-    """The safetensors files a loader would read: the variant's where a folder has them."""
+    """The weight files a loader would read: safetensors (the variant's where a folder has
+    them), or pickled checkpoints where a snapshot has no safetensors at all."""
+    if not any(folder.rglob("*.safetensors")):
+        return sorted(p for ext in ("*.pt", "*.bin", "*.pth") for p in folder.rglob(ext))
     chosen = []
     for directory in {p.parent for p in folder.rglob("*.safetensors")}:
         files = sorted(directory.glob("*.safetensors"))
@@ -55,8 +58,15 @@ def estimate(entry: ModelEntry, files: ModelFiles, float_bytes: int) -> int:
             paths = [files.file(source.repo, source.file, source.revision)]
         else:
             paths = weight_files(files.folder(source.repo, source.revision), entry.variant)
-        total += sum(safetensors_bytes(p, float_bytes) for p in paths if p.suffix == ".safetensors")
+        total += sum(file_bytes(p, float_bytes) for p in paths)
     return total
+
+
+def file_bytes(path: Path, float_bytes: int) -> int:
+    """Exact for safetensors; pickled checkpoints (.pt/.bin) are assumed fp32 on disk."""
+    if path.suffix == ".safetensors":
+        return safetensors_bytes(path, float_bytes)
+    return path.stat().st_size * float_bytes // 4
 
 
 def measure(model: Any) -> int:

@@ -26,6 +26,7 @@ from runner.protocol import (
 from runner.service import Service
 from runner.settings import Settings
 
+FORM_FIELD_BYTES = 8 << 20
 ERROR_RESPONSES = {
     400: {"model": HTTPError, "description": "Bad Request"},
     401: {"model": HTTPError, "description": "Unauthorized"},
@@ -50,7 +51,10 @@ def bearer_auth(token: str):
 
 
 def generate_router(service: Service, settings: Settings) -> APIRouter:
-    router = APIRouter(tags=["generate"], dependencies=[Depends(bearer_auth(settings.auth_token))])
+    # Form fields may carry JSON arrays (SAM2's 1x256x256 mask_input is ~1.5 MB as Go writes
+    # it), past Starlette's 1 MiB default per field; the body cap still bounds the total.
+    router = APIRouter(tags=["generate"], dependencies=[Depends(bearer_auth(settings.auth_token))],
+                       form_limits={"max_part_size": FORM_FIELD_BYTES})
     for module in service.modules.values():
         add_generate_route(router, module, service)
     return router

@@ -134,3 +134,12 @@ def test_models_yaml_defaults_fill_unset_fields(echo):
 
 def test_trailing_slash_alias(echo):
     assert echo.post("/echo-image/", files={"image": PNG}).status_code == 200
+
+
+def test_form_fields_over_one_mebibyte_are_accepted(echo):
+    """SAM2's 1x256x256 mask_input is ~1.5 MB as JSON; Starlette's default caps a field at 1 MiB."""
+    points = "[" + ",".join(["[0.123456,0.654321]"] * 80_000) + "]"
+    assert len(points) > 1 << 20
+    r = echo.post("/echo-image", files={"image": PNG}, data={"points": points})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["points"]) == 80_000

@@ -87,3 +87,33 @@ def test_several_pipelines_in_one_process(runner_process):
         assert r.status_code == 200, r.text
         assert decode_png_url(r.json()["images"][0]["url"]).size == (64, 64)
         assert http.post("/text-to-image", json={"prompt": "x"}).status_code == 404
+
+
+@pytest.mark.parametrize("runner_process", [
+    {"PIPELINE": "audio-to-text,image-to-text,segment-anything-2", "TINY": "1"}], indirect=True)
+def test_speech_and_vision_pipelines_in_one_process(runner_process):
+    import io
+
+    import av
+    import numpy as np
+
+    url, _ = runner_process
+    first_answer(url, time.monotonic() + 60)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="wav") as container:
+        stream = container.add_stream("pcm_s16le", rate=16_000, layout="mono")
+        samples = (np.sin(np.arange(16_000) / 5) * 8_000).astype(np.int16).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = 16_000
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    image = {"image": ("in.png", png_bytes(48, 32), "image/png")}
+    with httpx.Client(base_url=url, timeout=120) as http:
+        assert wait_ready(http) == "OK"
+        r = http.post("/audio-to-text", files={"audio": ("a.wav", buf.getvalue(), "audio/wav")})
+        assert r.status_code == 200 and isinstance(r.json()["text"], str), r.text
+        r = http.post("/image-to-text", files=image)
+        assert r.status_code == 200 and isinstance(r.json()["text"], str), r.text
+        r = http.post("/segment-anything-2", files=image,
+                      data={"point_coords": "[[10,10]]", "point_labels": "[1]"})
+        assert r.status_code == 200 and set(r.json()) == {"masks", "scores", "logits"}, r.text

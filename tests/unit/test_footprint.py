@@ -173,3 +173,11 @@ def test_measure_counts_plain_tensors_once():
     assert measure({"id": "test/echo", "weights": weights}) == 4000 + 20
     module = torch.nn.Linear(10, 10, bias=False)
     assert measure({"module": module, "same": module.weight}) == 400
+
+
+def test_pickled_checkpoints_count_by_file_size(tmp_path):
+    from runner.footprint import file_bytes, weight_files
+
+    (tmp_path / "model.pt").write_bytes(b"\0" * 4000)
+    assert weight_files(tmp_path, None) == [tmp_path / "model.pt"]
+    assert file_bytes(tmp_path / "model.pt", 2) == 2000
