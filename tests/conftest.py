@@ -174,6 +174,20 @@ def png_bytes(width: int = 32, height: int = 24, color=(200, 30, 30)) -> bytes:
     return buf.getvalue()
 
 
+def pixels(media: dict):
+    """A Media's PNG as an int16 RGB array, for comparing outputs."""
+    import numpy as np
+
+    return np.asarray(decode_png_url(media["url"]).convert("RGB"), dtype=np.int16)
+
+
+def post_image(client, path: str, image: bytes, **fields):
+    """A multipart request as go-livepeer writes it: one file part `image`, every other value
+    a string; fields given as None are left out."""
+    data = {k: str(v) for k, v in fields.items() if v is not None}
+    return client.post(path, data=data, files={"image": ("in.png", image, "image/png")})
+
+
 def decode_png_url(url: str) -> Image.Image:
     assert url.startswith("data:image/png;base64,")
     return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))

@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipelines import _diffusion as diffusion
 from runner.hub import writing_snapshot
-from tests.conftest import decode_png_url, png_bytes, serving
+from tests.conftest import decode_png_url, pixels, png_bytes, post_image, serving
 from tests.support.contract import assert_valid
 
 
@@ -20,20 +20,14 @@ def i2i(tmp_path_factory):
 
 
 def post(client, image=None, **fields):
-    image = png_bytes(64, 48) if image is None else image
-    data = {"prompt": "make it snowy", "num_inference_steps": "2", **fields}
-    return client.post("/image-to-image", files={"image": ("in.png", image, "image/png")},
-                       data={k: str(v) for k, v in data.items()})
+    return post_image(client, "/image-to-image", png_bytes(64, 48) if image is None else image,
+                      **{"prompt": "make it snowy", "num_inference_steps": "2", **fields})
 
 
 def images(r):
     assert r.status_code == 200, r.text
     assert_valid(r.json(), "ImageResponse")
     return r.json()["images"]
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(decode_png_url(image["url"]).convert("RGB"), dtype=np.int16)
 
 
 def test_pix2pix_default_with_go_style_fields(i2i):

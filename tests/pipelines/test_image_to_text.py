@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipelines import image_to_text
 from pipelines.image_to_text import Batcher
-from tests.conftest import png_bytes, serving
+from tests.conftest import png_bytes, post_image, serving
 from tests.support.contract import assert_valid
 
 BASE = "Salesforce/blip-image-captioning-base"
@@ -29,10 +29,7 @@ def noise_png(width: int, height: int, seed: int = 0) -> bytes:
 
 
 def post(client, image: bytes | None = None, path: str = "/image-to-text", **fields):
-    """A multipart request as Go writes it: every value a string."""
-    data = {k: v for k, v in fields.items() if v is not None}
-    files = {"image": ("in.png", png_bytes(40, 30) if image is None else image, "image/png")}
-    return client.post(path, data=data, files=files)
+    return post_image(client, path, png_bytes(40, 30) if image is None else image, **fields)
 
 
 def caption(client, image: bytes | None = None, **fields) -> str:

@@ -17,7 +17,7 @@ from runner.device import Device
 from runner.hub import ModelFiles
 from runner.registry import ModelEntry, Registry
 from runner.service import RunContext
-from tests.conftest import decode_png_url, png_bytes, serving
+from tests.conftest import decode_png_url, pixels, png_bytes, serving
 from tests.support.contract import assert_valid
 
 FRAMES = 25  # models.yaml: options.num_frames of both SVD xt models
@@ -43,10 +43,6 @@ def generate(client, **fields) -> list[dict]:
     assert_valid(r.json(), "VideoResponse")
     (batch,) = r.json()["frames"]  # exactly one batch
     return batch
-
-
-def pixels(frame: dict) -> np.ndarray:
-    return np.asarray(decode_png_url(frame["url"]).convert("RGB"), dtype=np.int16)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from runner.hub import ModelFiles, writing_snapshot
 from runner.registry import ModelEntry
 from runner.service import RunContext
 from runner.settings import Settings
-from tests.conftest import serving
+from tests.conftest import post_image, serving
 from tests.support.contract import assert_valid
 
 ROUTE = "/segment-anything-2"
@@ -36,9 +36,7 @@ def noise_png(width: int = WIDTH, height: int = HEIGHT, seed: int = 0) -> bytes:
 
 
 def post(client, image: bytes | None = None, path: str = ROUTE, **fields):
-    data = {k: v for k, v in fields.items() if v is not None}
-    files = {"image": ("in.png", noise_png() if image is None else image, "image/png")}
-    return client.post(path, data=data, files=files)
+    return post_image(client, path, noise_png() if image is None else image, **fields)
 
 
 def segment(client, image: bytes | None = None, **fields) -> dict:

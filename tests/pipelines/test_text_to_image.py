@@ -7,7 +7,7 @@ import pytest
 
 from pipelines import _diffusion as diffusion
 from runner.hub import writing_snapshot
-from tests.conftest import decode_png_url, serving
+from tests.conftest import decode_png_url, pixels, serving
 
 SMALL = {"width": 64, "height": 64}
 
@@ -16,10 +16,6 @@ def generate(client, **fields):
     r = client.post("/text-to-image", json={"prompt": "a cat", **SMALL, **fields})
     assert r.status_code == 200, r.text
     return r.json()["images"]
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(decode_png_url(image["url"]).convert("RGB"), dtype=np.int16)
 
 
 def test_seeds_are_consecutive_and_reproducible(t2i):

@@ -13,7 +13,7 @@ from PIL import Image
 from pipelines import upscale
 from runner.registry import ModelEntry
 from runner.settings import Settings
-from tests.conftest import decode_png_url, png_bytes, serving
+from tests.conftest import decode_png_url, pixels, png_bytes, post_image, serving
 from tests.support.contract import assert_valid
 
 FAST = {"num_inference_steps": "2"}
@@ -29,11 +29,8 @@ def noise_png(width: int, height: int, seed: int = 0) -> bytes:
 
 
 def post(client, image: bytes | None = None, path: str = "/upscale", **fields):
-    """A multipart request as Go writes it: every value a string."""
-    data = {"prompt": "a cat", **FAST, **fields}
-    data = {k: v for k, v in data.items() if v is not None}
-    files = {"image": ("in.png", png_bytes(16, 16) if image is None else image, "image/png")}
-    return client.post(path, data=data, files=files)
+    return post_image(client, path, png_bytes(16, 16) if image is None else image,
+                      **{"prompt": "a cat", **FAST, **fields})
 
 
 def upscaled(client, image: bytes | None = None, **fields) -> dict:
@@ -43,10 +40,6 @@ def upscaled(client, image: bytes | None = None, **fields) -> dict:
     assert_valid(body, "ImageResponse")
     (media,) = body["images"]
     return media
-
-
-def pixels(media: dict) -> np.ndarray:
-    return np.asarray(decode_png_url(media["url"]).convert("RGB"), dtype=np.int16)
 
 
 def size(media: dict) -> tuple[int, int]:
