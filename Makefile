@@ -1,7 +1,7 @@
 # The two commands a newcomer needs: `make serve` and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
-EXTRAS ?= diffusion,speech-vision,dev
+EXTRAS ?= diffusion,speech-vision,llm,dev
 TTS_VENV ?= .venv-tts
 PIPELINE ?= all
 PY := $(VENV)/bin/python

@@ -62,6 +62,7 @@ class Loader:
     estimate: Callable[[ModelEntry], int]
     measure: Callable[[Any], int]
     release: Callable[[], None] = lambda: None
+    unload: Callable[[Any], None] = lambda model: None  # before an evicted model is dropped
 
 
 class ModelCache:
@@ -186,6 +187,10 @@ class ModelCache:
     def _evict(self, slot: Slot) -> None:
         log.info("evicting %s (%d MiB) to make room", slot.entry.id, slot.bytes >> 20)
         metrics.CACHE_EVICTIONS.labels(slot.entry.id).inc()
+        try:
+            self._loader.unload(slot.model)
+        except Exception:  # a daemon that is already gone has nothing left to free
+            log.warning("unloading %s failed", slot.entry.id, exc_info=True)
         self._forget(slot)
         gc.collect()
         self._loader.release()

@@ -76,6 +76,20 @@ class Executor:
             finally:
                 lane.record(time.monotonic() - started)
 
+    async def run_async(self, lane: Lane, fn: Callable[..., Any], *args: Any) -> Any:
+        """Await a coroutine pipeline (one that waits on a daemon rather than computing) under
+        the same lane limits and error mapping."""
+        async with lane.limiter:
+            started = time.monotonic()
+            try:
+                return await fn(*args)
+            except RunnerError:
+                raise
+            except Exception as exc:
+                raise as_inference_error(exc) from exc
+            finally:
+                lane.record(time.monotonic() - started)
+
     async def _call(self, fn: Callable[..., T], args: tuple, on_oom: Callable[[], Any] | None) -> T:
         try:
             return await anyio.to_thread.run_sync(fn, *args, limiter=self._threads)

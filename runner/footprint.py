@@ -71,8 +71,12 @@ def file_bytes(path: Path, float_bytes: int) -> int:
 
 def measure(model: Any) -> int:
     """Bytes of the tensors reachable from `model` (a module's parameters and buffers, a
-    diffusers pipeline, or a plain object holding either), each tensor counted once."""
+    diffusers pipeline, or a plain object holding either), each tensor counted once. A model
+    held by another process (an Ollama daemon) reports its own `resident_bytes()`."""
     import torch
+
+    if callable(getattr(model, "resident_bytes", None)):
+        return int(model.resident_bytes())
 
     seen_objects: set[int] = set()
     seen_tensors: set[int] = set()

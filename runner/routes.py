@@ -6,15 +6,20 @@ annotations at definition time, and they name per-module classes.
 
 import hmac
 import inspect
+import json
+import logging
 import types
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
+from sse_starlette import EventSourceResponse
 
 from runner import hardware
-from runner.errors import Unauthorized
+from runner.errors import RunnerError, Unauthorized
 from runner.pipeline import is_multipart, operation_id, summary
 from runner.protocol import (
     HardwareInformation,
@@ -26,6 +31,7 @@ from runner.protocol import (
 from runner.service import Service
 from runner.settings import Settings
 
+log = logging.getLogger(__name__)
 FORM_FIELD_BYTES = 8 << 20
 ERROR_RESPONSES = {
     400: {"model": HTTPError, "description": "Bad Request"},
@@ -63,7 +69,9 @@ def generate_router(service: Service, settings: Settings) -> APIRouter:
 def add_generate_route(router: APIRouter, module: types.ModuleType, service: Service) -> None:
     Request = module.Request
 
-    async def respond(request: BaseModel, response: Response) -> BaseModel:
+    async def respond(request: BaseModel, response: Response):
+        if getattr(request, "stream", False) and hasattr(module, "stream"):
+            return await stream_events(service, module, request)
         timings: dict[str, float] = {}
         result = await service.generate(module, request, timings)
         response.headers["Server-Timing"] = server_timing(timings)
@@ -85,6 +93,35 @@ def add_generate_route(router: APIRouter, module: types.ModuleType, service: Ser
     router.add_api_route(f"/{module.NAME}", endpoint, operation_id=op, **options)
     router.add_api_route(f"/{module.NAME}/", endpoint, operation_id=f"{op}_slash",
                          include_in_schema=False, **options)
+
+
+async def stream_events(service: Service, module: types.ModuleType, request: BaseModel,
+                        adapt: Callable[[AsyncIterator[BaseModel]], AsyncIterator[BaseModel]]
+                        | None = None) -> EventSourceResponse:
+    """Server-sent events: `data: <chunk json>` per chunk, then `data: [DONE]`. The session is
+    opened first, so unknown models, full queues and the like keep their status codes; an
+    error after the first byte is sent as `data: {"error": ...}`. A client that goes away
+    cancels the generator, which stops the backend and frees the lane. `adapt` rewrites the
+    module's chunks into another wire format (the OpenAI layer's)."""
+    stack = AsyncExitStack()
+    session = await stack.enter_async_context(service.session(module, request))
+
+    async def events():
+        try:
+            chunks = service.stream(module, session)
+            async for chunk in (adapt(chunks) if adapt else chunks):
+                yield {"data": chunk.model_dump_json(exclude_none=True)}
+            yield {"data": "[DONE]"}
+        except RunnerError as exc:
+            yield {"data": json.dumps({"error": {"message": exc.msg}})}
+        except Exception as exc:  # the stream has started: report in-band, log the rest
+            log.exception("stream failed", exc_info=exc)
+            yield {"data": json.dumps({"error": {"message": f"inference failed: "
+                                                 f"{type(exc).__name__}"}})}
+        finally:
+            await stack.aclose()
+
+    return EventSourceResponse(events(), sep="\n", ping=15)
 
 
 def json_paths(service: Service) -> set[str]:
@@ -136,5 +173,10 @@ def status_router(service: Service, settings: Settings) -> APIRouter:
 
 
 def install(app: FastAPI, service: Service, settings: Settings) -> None:
+    from runner import openai
+
     app.include_router(status_router(service, settings))
     app.include_router(generate_router(service, settings))
+    for module in service.modules.values():
+        if getattr(module, "OPENAI_CHAT", False):
+            app.include_router(openai.router(service, module, bearer_auth(settings.auth_token)))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 import types
-from collections.abc import Iterator
-from contextlib import AsyncExitStack, contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from pydantic import BaseModel
 from runner import device as devices
 from runner import footprint, media, safety
 from runner.cache import Loader, ModelCache
-from runner.executor import Executor, free_device_memory
+from runner.executor import Executor, Lane, free_device_memory
 from runner.hub import ModelFiles
 from runner.pipeline import with_defaults
 from runner.registry import ModelEntry, Registry
@@ -73,7 +74,7 @@ class Service:
         self.health = "LOADING"
         self.cache = ModelCache(
             Loader(load=self._load, estimate=self._estimate, measure=footprint.measure,
-                   release=free_device_memory),
+                   release=free_device_memory, unload=unload_model),
             budget=int(settings.vram_budget or 0),
         )
         # Enough worker threads for every lane to run at its limit at once, so one busy
@@ -146,8 +147,12 @@ class Service:
         self.health = "OK"
         log.info("ready (%s mode): %s", self.mode, ", ".join(e.id for e in warm))
 
-    async def generate(self, module: types.ModuleType, request: BaseModel,
-                       timings: dict[str, float] | None = None) -> BaseModel:
+    @asynccontextmanager
+    async def session(self, module: types.ModuleType, request: BaseModel,
+                      timings: dict[str, float] | None = None) -> AsyncIterator[Session]:
+        """A request's place in its model's lane, its model (loaded if cold) and the safety
+        checker when asked for; everything a client can get wrong fails here, before any
+        response byte is sent."""
         entry = self.registry.resolve(module.NAME, getattr(request, "model_id", "") or "")
         request = with_defaults(request, entry)
         timings = {} if timings is None else timings
@@ -163,5 +168,35 @@ class Service:
             timings["model"] = time.perf_counter() - started
             ctx = RunContext(entry, self.device, self._files(entry), self.settings, checker,
                              timings)
-            return await self.executor.run(lane, module.run, model, request, ctx,
+            yield Session(lane, model, request, ctx)
+
+    async def generate(self, module: types.ModuleType, request: BaseModel,
+                       timings: dict[str, float] | None = None) -> BaseModel:
+        async with self.session(module, request, timings) as s:
+            if inspect.iscoroutinefunction(module.run):  # talks to a daemon: no thread needed
+                return await self.executor.run_async(s.lane, module.run, s.model, s.request,
+                                                      s.ctx)
+            return await self.executor.run(s.lane, module.run, s.model, s.request, s.ctx,
                                            on_oom=self.cache.evict_idle)
+
+    @staticmethod
+    async def stream(module: types.ModuleType, s: Session) -> AsyncIterator[BaseModel]:
+        """The module's chunks for an open session, holding the lane slot to the end."""
+        async with s.lane.limiter:
+            async for chunk in module.stream(s.model, s.request, s.ctx):
+                yield chunk
+
+
+def unload_model(model: Any) -> None:
+    """Models held by another process (an Ollama daemon) free their memory through `unload()`;
+    in-process models are freed by dropping them."""
+    if callable(getattr(model, "unload", None)):
+        model.unload()
+
+
+@dataclass
+class Session:
+    lane: Lane
+    model: Any
+    request: BaseModel
+    ctx: RunContext

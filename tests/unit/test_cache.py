@@ -463,3 +463,18 @@ def test_evict_idle_keeps_pinned_and_in_use_models():
         assert fake.releases >= 1
 
     asyncio.run(main())
+
+
+def test_evicted_models_are_unloaded_first():
+    fake = FakeLoader({"a": 60, "b": 60})
+    unloaded = []
+
+    async def main():
+        loader = fake.loader()
+        loader.unload = lambda model: unloaded.append(model.id)
+        cache = ModelCache(loader, budget=100)
+        await touch(cache, entry("a"))
+        await touch(cache, entry("b"))
+
+    asyncio.run(main())
+    assert unloaded == ["test/a"]

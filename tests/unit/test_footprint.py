@@ -181,3 +181,13 @@ def test_pickled_checkpoints_count_by_file_size(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"\0" * 4000)
     assert weight_files(tmp_path, None) == [tmp_path / "model.pt"]
     assert file_bytes(tmp_path / "model.pt", 2) == 2000
+
+
+def test_models_held_elsewhere_report_their_own_bytes():
+    from runner.footprint import measure
+
+    class Daemon:
+        def resident_bytes(self):
+            return 1234
+
+    assert measure(Daemon()) == 1234

@@ -1,0 +1,198 @@
+"""The OpenAI chat API (`POST /v1/chat/completions`, `GET /v1/models`) over a chat pipeline
+module (one that sets OPENAI_CHAT), so the official `openai` client works unchanged.
+
+Protocol (the OpenAI wire types), serving (conversion to and from the module's own request
+and chunks) and router are kept apart, as in vLLM; generation itself is the module's, reached
+through the same service, lanes, cache and errors as its contract route.
+"""
+
+import time
+import types
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from runner.service import Service
+
+# -- protocol ------------------------------------------------------------------------------
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str = ""
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[ContentPart] | None = ""
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content if part.type == "text")
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """What the `openai` client sends; fields this runner does not use are accepted and
+    ignored, as OpenAI-compatible servers do."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = ""
+    messages: list[ChatMessage]
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: str = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "runner"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# -- serving -------------------------------------------------------------------------------
+
+
+def to_module_request(module: types.ModuleType, request: ChatCompletionRequest) -> BaseModel:
+    """The chat module's own request; its validation errors are this route's 422s."""
+    fields = {
+        "messages": [{"role": m.role, "content": m.text()} for m in request.messages],
+        "model": request.model, "temperature": request.temperature, "top_p": request.top_p,
+        "max_tokens": request.max_completion_tokens or request.max_tokens,
+        "stop": request.stop, "seed": request.seed, "stream": request.stream,
+    }
+    accepted = module.Request.model_fields
+    try:
+        return module.Request.model_validate(
+            {k: v for k, v in fields.items() if v is not None and k in accepted})
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from exc
+
+
+def completion(response: Any, model: str) -> ChatCompletion:
+    choice = response.choices[0]
+    return ChatCompletion(
+        id=response.id, created=response.created, model=model,
+        choices=[Choice(message=AssistantMessage(content=choice.message.content),
+                        finish_reason=choice.finish_reason or "stop")],
+        usage=Usage(**response.usage.model_dump()))
+
+
+def chunk_adapter(model: str, include_usage: bool
+                  ) -> Callable[[AsyncIterator[Any]], AsyncIterator[ChatCompletionChunk]]:
+    """The module's chunks as OpenAI chunks: the role on the first, the finish reason on the
+    last, and usage in a final choice-less chunk when the client asked for it."""
+
+    async def adapt(chunks: AsyncIterator[Any]) -> AsyncIterator[ChatCompletionChunk]:
+        first, last = True, None
+        async for chunk in chunks:
+            last = chunk
+            choice = chunk.choices[0]
+            content = choice.delta.content if choice.delta else ""
+            delta = Delta(role="assistant" if first else None, content=content)
+            yield ChatCompletionChunk(
+                id=chunk.id, created=chunk.created, model=model,
+                choices=[ChunkChoice(delta=delta, finish_reason=choice.finish_reason or None)])
+            first = False
+        if include_usage and last is not None:
+            yield ChatCompletionChunk(id=last.id, created=last.created, model=model, choices=[],
+                                      usage=Usage(**last.usage.model_dump()))
+
+    return adapt
+
+
+# -- router --------------------------------------------------------------------------------
+
+
+def router(service: Service, module: types.ModuleType, auth: Callable) -> APIRouter:
+    from runner.routes import ERROR_RESPONSES, stream_events
+
+    api = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(auth)])
+
+    @api.post("/chat/completions", response_model=ChatCompletion, responses=ERROR_RESPONSES,
+              operation_id="createChatCompletion", summary="Chat completion (OpenAI API)")
+    async def chat_completions(request: ChatCompletionRequest):
+        inner = to_module_request(module, request)
+        model = request.model or service.registry.default(module.NAME).id
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            return await stream_events(service, module, inner,
+                                       adapt=chunk_adapter(model, include_usage))
+        return completion(await service.generate(module, inner), model)
+
+    @api.get("/models", response_model=ModelList, operation_id="listModels",
+             summary="Models (OpenAI API)")
+    async def models() -> ModelList:
+        created = int(time.time())
+        return ModelList(data=[ModelCard(id=entry.id, created=created)
+                               for entry in service.registry.entries(module.NAME)])
+
+    return api
