@@ -136,7 +136,8 @@ class ModelCache:
                 self._forget(slot)
                 raise
             slot.model, slot.state = model, "ready"
-            slot.measured = self._loader.measure(model)
+            # Off the event loop: a model held by a daemon is measured over HTTP.
+            slot.measured = await anyio.to_thread.run_sync(self._loader.measure, model)
             slot.loads += 1
             slot.load_seconds = time.monotonic() - started
             slot.loading = None

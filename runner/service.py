@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -96,6 +97,10 @@ class Service:
         if self.tiny:
             self._build_tiny(entry)
         float_bytes = 2 if self.device.is_cuda and entry.dtype != "float32" else 4
+        # A module may know better (llm: a model an Ollama daemon holds has no weights here).
+        own = getattr(self._module(entry), "estimate", None)
+        if own is not None and (size := own(entry, self._files(entry), float_bytes)) is not None:
+            return size
         return footprint.estimate(entry, self._files(entry), float_bytes)
 
     def _load(self, entry: ModelEntry) -> Any:
@@ -126,26 +131,57 @@ class Service:
     def _needs_safety(self) -> bool:
         return any("safety_check" in m.Request.model_fields for m in self.modules.values())
 
+    def _warm_entries(self) -> list[ModelEntry]:
+        warm = [self.registry.default(name) for name in self.modules]
+        return warm + ([self.registry.safety_checker] if self._needs_safety() else [])
+
+    async def _serving(self) -> bool:
+        """Every warm model resident (loading any that are not) and, for modules with a
+        `health(model)` hook (a daemon that may go away), healthy."""
+        for entry in self._warm_entries():
+            await self.cache.pin(entry)
+        for name, module in self.modules.items():
+            hook = getattr(module, "health", None)
+            model = self.cache.resident(self.registry.default(name))
+            if hook is not None and model is not None and not await hook(model):
+                return False
+        return True
+
     async def warm_up(self) -> None:
         """Load and pin every served pipeline's default model (and the safety checker):
-        /health says LOADING until they are all resident, ERROR if one failed."""
+        /health says LOADING until they are all resident, ERROR if one failed. Then keep
+        checking every HEALTH_PROBE_SECONDS: a warm model that failed is retried, and a daemon
+        that went away (or came back) shows in /health."""
         import anyio
 
+        if self.tiny:
+            await anyio.to_thread.run_sync(devices.configure_for_tiny)
         try:
-            if self.tiny:
-                await anyio.to_thread.run_sync(devices.configure_for_tiny)
             self.cache.budget = await anyio.to_thread.run_sync(self._budget)
-            warm = [self.registry.default(name) for name in self.modules]
-            if self._needs_safety():
-                warm.append(self.registry.safety_checker)
-            for entry in warm:
-                await self.cache.pin(entry)
         except Exception:
-            log.exception("warm-up failed; /health reports ERROR")
+            log.exception("the device could not be queried; /health reports ERROR")
             self.health = "ERROR"
             return
-        self.health = "OK"
-        log.info("ready (%s mode): %s", self.mode, ", ".join(e.id for e in warm))
+        while True:
+            await self._probe()
+            if self.settings.health_probe_seconds <= 0:
+                return
+            await asyncio.sleep(self.settings.health_probe_seconds)
+
+    async def _probe(self) -> None:
+        try:
+            healthy = await self._serving()
+        except Exception as exc:
+            if self.health != "ERROR":
+                log.exception("warm model unavailable; /health reports ERROR", exc_info=exc)
+            self.health = "ERROR"
+            return
+        if healthy and self.health != "OK":
+            log.info("ready (%s mode): %s", self.mode,
+                     ", ".join(e.id for e in self._warm_entries()))
+        elif not healthy and self.health != "ERROR":
+            log.error("a warm model's backend is unhealthy; /health reports ERROR")
+        self.health = "OK" if healthy else "ERROR"
 
     @asynccontextmanager
     async def session(self, module: types.ModuleType, request: BaseModel,

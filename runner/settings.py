@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     max_image_pixels: int = 4096 * 4096
     max_queue: int = Field(16, ge=0, description="Requests waiting per model before 503.")
     png_compress_level: int = Field(1, ge=0, le=9)
+    health_probe_seconds: float = Field(
+        5.0, description="How often warm models are re-checked after start-up; 0 = never.")
 
     @field_validator("pipeline")
     @classmethod

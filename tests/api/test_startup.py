@@ -117,3 +117,18 @@ def test_speech_and_vision_pipelines_in_one_process(runner_process):
         r = http.post("/segment-anything-2", files=image,
                       data={"point_coords": "[[10,10]]", "point_labels": "[1]"})
         assert r.status_code == 200 and set(r.json()) == {"masks", "scores", "logits"}, r.text
+
+
+@pytest.mark.parametrize("runner_process", [{"PIPELINE": "llm", "TINY": "1"}], indirect=True)
+def test_llm_serves_chat_on_cpu(runner_process):
+    url, _ = runner_process
+    first_answer(url, time.monotonic() + 60)
+    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+    with httpx.Client(base_url=url, timeout=60) as http:
+        assert wait_ready(http) == "OK"
+        r = http.post("/llm", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+        r = http.post("/llm", json={**body, "stream": True})
+        assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+        r = http.post("/v1/chat/completions", json={"model": "", **body})
+        assert r.json()["object"] == "chat.completion"

@@ -1,0 +1,419 @@
+"""The llm pipeline through the HTTP app: the transformers backend on a tiny random-weight chat
+model (CPU tiny mode), the Ollama backend against an in-process double through the real
+`ollama` client, streaming, validation, and a client that goes away mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import pytest
+from fastapi.testclient import TestClient
+
+from pipelines import llm
+from runner.app import create_app
+from runner.settings import Settings
+from tests.conftest import serving, wait_ready
+from tests.support.contract import assert_valid
+from tests.support.ollama_double import REPLY, OllamaDouble, tokens
+
+DEFAULT = "meta-llama/Meta-Llama-3.1-8B-Instruct"
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def chat(**fields) -> dict:
+    return {"messages": HELLO, **fields}
+
+
+def sse_data(text: str) -> list[str]:
+    """The `data:` payloads of an SSE body, in order."""
+    return [line[len("data:"):].strip() for line in text.splitlines() if line.startswith("data:")]
+
+
+def check_stream(text: str) -> list[dict]:
+    """Every data line before [DONE] is a valid LLMResponse chunk with one id, a cumulative
+    usage that never goes down, and a finish_reason only on the last; returns the chunks."""
+    data = sse_data(text)
+    assert data and data[-1] == "[DONE]", data[-3:]
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert chunks
+    for chunk in chunks:
+        assert_valid(chunk, "LLMResponse")
+        assert chunk["choices"][0]["delta"]["role"] == "assistant"
+        usage = chunk["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert len({c["id"] for c in chunks}) == 1 and len({c["created"] for c in chunks}) == 1
+    totals = [c["usage"]["completion_tokens"] for c in chunks]
+    assert totals == sorted(totals)
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [""] * (len(chunks) - 1)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    return chunks
+
+
+def text_of(chunks: list[dict]) -> str:
+    return "".join(c["choices"][0]["delta"]["content"] for c in chunks)
+
+
+# -- the transformers backend, tiny mode ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory) -> Iterator[TestClient]:
+    with serving("llm", tmp_path_factory.getbasetemp() / "tiny-models-llm") as client:
+        yield client
+
+
+def test_chat_completion(tiny_llm):
+    r = tiny_llm.post("/llm", json=chat(max_tokens=12))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert_valid(body, "LLMResponse")
+    assert body["model"] == DEFAULT and body["id"].startswith("chatcmpl-")
+    (choice,) = body["choices"]
+    assert choice["message"]["role"] == "assistant" and "delta" not in choice
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["prompt_tokens"] > 1 and 1 <= usage["completion_tokens"] <= 12
+    assert "generate;dur=" in r.headers["server-timing"]
+
+
+def test_max_tokens_reached_is_length(tiny_llm):
+    # Greedy decoding of the tiny model repeats one token and never reaches its end token.
+    r = tiny_llm.post("/llm/", json=chat(max_tokens=3, temperature=0))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 3
+
+
+def test_seed_repeats_and_defaults_apply(tiny_llm):
+    first = tiny_llm.post("/llm", json=chat(max_tokens=16, temperature=1.0, seed=7)).json()
+    again = tiny_llm.post("/llm", json=chat(max_tokens=16, temperature=1.0, seed=7)).json()
+    assert first["choices"][0]["message"] == again["choices"][0]["message"]
+    # No max_tokens: models.yaml's 256 applies (the tiny model may end sooner).
+    r = tiny_llm.post("/llm", json={"messages": HELLO, "temperature": 0})
+    assert r.json()["usage"]["completion_tokens"] == 256
+
+
+def test_stop_text_ends_the_answer(tiny_llm):
+    greedy = tiny_llm.post("/llm", json=chat(max_tokens=6, temperature=0)).json()
+    text = greedy["choices"][0]["message"]["content"]
+    assert text, "the tiny model's greedy answer is not empty"
+    r = tiny_llm.post("/llm", json=chat(max_tokens=6, temperature=0, stop=[text[0]]))
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == ""
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_stream(tiny_llm):
+    r = tiny_llm.post("/llm", json=chat(max_tokens=10, stream=True))
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/event-stream")
+    chunks = check_stream(r.text)
+    assert chunks[-1]["usage"]["completion_tokens"] <= 10
+    assert chunks[-1]["choices"][0]["delta"]["content"] == ""
+    # The same answer as without streaming, for the same seed.
+    plain = tiny_llm.post("/llm", json=chat(max_tokens=10, seed=3)).json()
+    streamed = check_stream(tiny_llm.post("/llm", json=chat(max_tokens=10, seed=3,
+                                                             stream=True)).text)
+    assert text_of(streamed) == plain["choices"][0]["message"]["content"]
+    assert streamed[-1]["usage"] == plain["usage"]
+
+
+@pytest.mark.parametrize("body, field", [
+    (chat(temperature=3), "temperature"),
+    (chat(top_p=1.5), "top_p"),
+    (chat(max_tokens=0), "max_tokens"),
+    (chat(top_k=0), "top_k"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+    ({"messages": [{"role": "user"}]}, "messages"),
+    (chat(model="no/such-model"), "model_id"),
+    (chat(model="llama3.1:8b"), "model"),  # an Ollama tag, but this app runs transformers
+])
+def test_invalid_requests_are_422(tiny_llm, body, field):
+    for stream in (False, True):
+        r = tiny_llm.post("/llm", json={**body, "stream": stream})
+        if field == "model" and stream:
+            continue  # checked in the stream itself, after the 200
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"]
+        assert isinstance(detail, list) and field in detail[0]["loc"], detail
+
+
+def test_closing_a_stream_stops_the_generation(tiny_llm):
+    """A consumer that stops reading (the client went away) stops the generation thread at its
+    next token, instead of running to max_tokens."""
+    service = tiny_llm.app.state.service
+    backend = service.cache.resident(service.registry.default("llm"))
+    request = llm.LLMRequest(messages=HELLO, max_tokens=900, temperature=0)
+    ctx = SimpleNamespace(stage=None)
+
+    async def first_chunk_then_close() -> float:
+        chunks = llm.stream(backend, request, ctx)
+        await chunks.__anext__()
+        started = time.perf_counter()
+        await chunks.aclose()  # returns once the generation thread has ended
+        return time.perf_counter() - started
+
+    async def full_run() -> float:
+        started = time.perf_counter()
+        async for _ in llm.stream(backend, request.model_copy(update={"max_tokens": 300}), ctx):
+            pass
+        return time.perf_counter() - started
+
+    closed_in = asyncio.run(first_chunk_then_close())
+    full = asyncio.run(full_run())  # 300 tokens: a third of what the closed stream asked for
+    assert closed_in < full / 3, (closed_in, full)
+    for thread in [t for t in threading.enumerate() if t.name.startswith("llm-generate")]:
+        thread.join(timeout=2)  # it has sent its last message; it may still be exiting
+        assert not thread.is_alive()
+
+
+def test_stop_scanner_holds_back_partial_stop_texts():
+    scanner = llm.StopScanner(["END", "\n\n"])
+    assert scanner.feed("Hello E") == ("Hello ", False)
+    assert scanner.feed("N") == ("", False)
+    assert scanner.feed("x") == ("ENx", False)
+    assert scanner.feed(" more\n") == (" more", False)
+    assert scanner.feed("\nrest") == ("", True)
+    scanner = llm.StopScanner(["END"])
+    assert scanner.feed("abcEN") == ("abc", False) and scanner.flush() == "EN"
+
+
+# -- the Ollama backend, against the double ---------------------------------------------------
+
+@contextmanager
+def ollama_app(tmp_path_factory, monkeypatch, double: OllamaDouble | None, url: str = "",
+               ready: str = "OK", **env) -> Iterator[TestClient]:
+    """The llm pipeline in tiny mode, forced onto the Ollama backend: through the double's
+    mock transport, or (double None) to `url` over real sockets."""
+    monkeypatch.setenv("LLM_BACKEND", "ollama")
+    monkeypatch.setenv("OLLAMA_HOST", url or "http://ollama.test:11434")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(llm, "CLIENT_OPTIONS", {"transport": double.transport} if double else {})
+    settings = Settings(pipeline="llm", tiny=True, device="cpu",
+                        tiny_dir=tmp_path_factory.getbasetemp() / "tiny-models-llm")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        assert wait_ready(client) == ready
+        yield client
+
+
+@pytest.fixture
+def double() -> OllamaDouble:
+    return OllamaDouble(models=("llama3.1:8b", "qwen2.5:7b"), pullable=("mistral:7b",))
+
+
+def test_ollama_chat(tmp_path_factory, monkeypatch, double):
+    with ollama_app(tmp_path_factory, monkeypatch, double) as client:
+        # The warm model was checked and preloaded (an empty conversation) at start.
+        assert double.calls("/api/show")[0]["model"] == "llama3.1:8b"
+        preload = double.calls("/api/chat")[0]
+        assert preload["messages"] == [] and preload["keep_alive"] == -1
+        r = client.post("/llm", json=chat(top_k=5, seed=9, stop="END"))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert_valid(body, "LLMResponse")
+        assert body["choices"][0]["message"] == {"role": "assistant", "content": REPLY}
+        assert body["choices"][0]["finish_reason"] == "stop"
+        # Usage is the daemon's own prompt_eval_count / eval_count.
+        prompt = len(tokens("Hello")) + 4
+        assert body["usage"] == {"prompt_tokens": prompt, "completion_tokens": len(tokens(REPLY)),
+                                 "total_tokens": prompt + len(tokens(REPLY))}
+        sent = double.calls("/api/chat")[-1]
+        assert sent["model"] == "llama3.1:8b" and sent["stream"] is False
+        assert sent["messages"] == HELLO and sent["keep_alive"] == -1
+        assert sent["options"] == {"temperature": 0.7, "top_p": 1.0, "num_predict": 256,
+                                   "seed": 9, "top_k": 5, "stop": ["END"]}
+        # Defaults: top_k -1 (no limit) is Ollama's 0.
+        client.post("/llm", json=chat())
+        assert double.calls("/api/chat")[-1]["options"]["top_k"] == 0
+
+
+def test_ollama_stream(tmp_path_factory, monkeypatch, double):
+    with ollama_app(tmp_path_factory, monkeypatch, double) as client:
+        r = client.post("/llm", json=chat(stream=True))
+        assert r.status_code == 200, r.text
+        chunks = check_stream(r.text)
+        assert text_of(chunks) == REPLY
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+        prompt = len(tokens("Hello")) + 4
+        assert chunks[-1]["usage"] == {"prompt_tokens": prompt,
+                                       "completion_tokens": len(tokens(REPLY)),
+                                       "total_tokens": prompt + len(tokens(REPLY))}
+        assert double.calls("/api/chat")[-1]["stream"] is True
+        # max_tokens reached: the daemon's done_reason "length".
+        short = check_stream(client.post("/llm", json=chat(stream=True, max_tokens=3)).text)
+        assert short[-1]["choices"][0]["finish_reason"] == "length"
+        assert short[-1]["usage"]["completion_tokens"] == 3
+        r = client.post("/llm", json=chat(max_tokens=3))
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_ollama_tags_directly(tmp_path_factory, monkeypatch, double):
+    with ollama_app(tmp_path_factory, monkeypatch, double) as client:
+        r = client.post("/llm", json=chat(model="qwen2.5:7b"))
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "qwen2.5:7b"
+        sent = double.calls("/api/chat")[-1]
+        assert sent["model"] == "qwen2.5:7b" and "keep_alive" not in sent
+        r = client.post("/llm", json=chat(model="phi3:mini"))
+        assert r.status_code == 422
+        assert "'phi3:mini'" in r.json()["detail"][0]["msg"]
+        # Streaming: the 200 is already sent when the daemon says 404, so it comes in-band.
+        r = client.post("/llm", json=chat(model="phi3:mini", stream=True))
+        (error,) = [json.loads(d) for d in sse_data(r.text)]
+        assert "'phi3:mini'" in error["error"]["message"]
+
+
+def test_ollama_missing_model_is_422_or_pulled(tmp_path_factory, monkeypatch, double):
+    mistral = "mistralai/Mistral-7B-Instruct-v0.3"
+    with ollama_app(tmp_path_factory, monkeypatch, double) as client:
+        r = client.post("/llm", json=chat(model=mistral))
+        assert r.status_code == 422, r.text
+        (detail,) = r.json()["detail"]
+        assert detail["loc"] == ["body", "model"]
+        assert "'mistral:7b'" in detail["msg"] and "OLLAMA_PULL=1" in detail["msg"]
+        assert not double.calls("/api/pull")
+    with ollama_app(tmp_path_factory, monkeypatch, double, OLLAMA_PULL="1") as client:
+        r = client.post("/llm", json=chat(model=mistral))
+        assert r.status_code == 200, r.text
+        assert double.calls("/api/pull")[-1]["model"] == "mistral:7b"
+        assert double.calls("/api/chat")[-1]["model"] == "mistral:7b"
+        # A tag the registry does not have either: 422 naming it, with the daemon's reason.
+        r = client.post("/llm", json=chat(model="nonexistent:1b"))
+        assert r.status_code == 422 and "file does not exist" in r.text
+
+
+def test_ollama_needs_no_weights_on_disk(tmp_path, monkeypatch, double):
+    """The product setup: a GPU node whose MODEL_DIR has no Hugging Face snapshot of the chat
+    model picks the Ollama backend by itself, and the warm cache does not look for weights."""
+    monkeypatch.delenv("LLM_BACKEND", raising=False)
+    monkeypatch.setenv("OLLAMA_HOST", "http://ollama.test:11434")
+    monkeypatch.setattr(llm, "CLIENT_OPTIONS", {"transport": double.transport})
+    settings = Settings(pipeline="llm", tiny=False, device="cpu", model_dir=tmp_path)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        assert wait_ready(client) == "OK"
+        r = client.post("/llm", json=chat())
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == REPLY
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_ollama_daemon_down(tmp_path_factory, monkeypatch, double):
+    # Down from the start: the warm-up fails (/health ERROR) and requests get a clear 503.
+    url = closed_port_url()
+    with ollama_app(tmp_path_factory, monkeypatch, None, url=url, ready="ERROR",
+                    OLLAMA_WAIT="0") as client:
+        r = client.post("/llm", json=chat())
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"]
+        msg = r.json()["detail"]["msg"]
+        assert "Ollama daemon" in msg and url in msg and "not reachable" in msg
+    # Down after the start: 503 without streaming, an in-band error with it.
+    with ollama_app(tmp_path_factory, monkeypatch, double) as client:
+        service = client.app.state.service
+        backend = service.cache.resident(service.registry.default("llm"))
+        assert asyncio.run(llm.health(backend)) is True
+        double.down = True
+        r = client.post("/llm", json=chat())
+        assert r.status_code == 503 and "not reachable" in r.json()["detail"]["msg"]
+        r = client.post("/llm", json=chat(stream=True))
+        (error,) = [json.loads(d) for d in sse_data(r.text)]
+        assert "not reachable" in error["error"]["message"]
+        assert asyncio.run(llm.health(backend)) is False
+
+
+def test_ollama_error_mid_stream_is_in_band(tmp_path_factory, monkeypatch, double):
+    with ollama_app(tmp_path_factory, monkeypatch, double) as client:
+        double.fail_after = 2
+        r = client.post("/llm", json=chat(stream=True))
+        assert r.status_code == 200
+        data = sse_data(r.text)
+        assert "[DONE]" not in data and len(data) == 3, data
+        assert text_of([json.loads(d) for d in data[:2]]) == "".join(tokens(REPLY)[:2])
+        error = json.loads(data[2])
+        assert "GGML_ASSERT" in error["error"]["message"]
+
+
+def test_ollama_memory_hooks(tmp_path_factory, monkeypatch, double):
+    """What the warm cache uses: the daemon's size_vram (/api/ps) and unload (keep_alive 0)."""
+    with ollama_app(tmp_path_factory, monkeypatch, double) as client:
+        service = client.app.state.service
+        backend = service.cache.resident(service.registry.default("llm"))
+        assert backend.size_vram() == double.size_vram == backend.daemon_vram()
+        client.post("/llm", json=chat(model="qwen2.5:7b"))
+        assert backend.size_vram() == double.size_vram
+        assert backend.daemon_vram() == 2 * double.size_vram
+        backend.unload()
+        assert double.calls("/api/chat")[-1]["keep_alive"] == 0
+        assert backend.size_vram() == 0 and backend.daemon_vram() == double.size_vram
+
+
+# -- a client that goes away ------------------------------------------------------------------
+
+def test_disconnect_closes_the_upstream_stream(tmp_path_factory, monkeypatch, live_server):
+    """Through a real server and a real socket to the loopback double: a client that closes
+    its connection after the first chunk makes the runner close its request to the daemon,
+    and the model's lane is free again."""
+    double = OllamaDouble(reply="word " * 200, delay=0.02)  # ~4 s of streaming
+    with double.serve() as url:
+        monkeypatch.setenv("LLM_BACKEND", "ollama")
+        monkeypatch.setenv("OLLAMA_HOST", url)
+        monkeypatch.setattr(llm, "CLIENT_OPTIONS", {})
+        settings = Settings(pipeline="llm", tiny=True, device="cpu",
+                            tiny_dir=tmp_path_factory.getbasetemp() / "tiny-models-llm")
+        app = create_app(settings)
+        server = live_server(app)
+        with server.client() as client:
+            assert wait_ready(client) == "OK"
+            started = time.monotonic()
+            with client.stream("POST", "/llm", json=chat(stream=True)) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        first = json.loads(line[5:])
+                        break
+            assert first["choices"][0]["delta"]["content"] == "word"
+        assert double.client_gone.wait(3), "the runner kept reading from the daemon"
+        assert time.monotonic() - started < 3
+        assert double.chunks_sent < 100
+        lanes = app.state.service.executor._lanes.values()
+        deadline = time.monotonic() + 3
+        while any(lane.pending for lane in lanes) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [lane.pending for lane in lanes] == [0]
+        double.delay = 0
+        with server.client() as client:
+            r = client.post("/llm", json=chat(max_tokens=5))
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+
+
+def test_health_follows_the_daemon(tmp_path_factory, monkeypatch, double):
+    """/health goes to ERROR when the daemon goes away and back to OK when it returns,
+    without a restart (the service re-checks warm models every HEALTH_PROBE_SECONDS)."""
+    monkeypatch.setenv("HEALTH_PROBE_SECONDS", "0.1")
+    with ollama_app(tmp_path_factory, monkeypatch, double) as client:
+        def settles_on(status: str) -> bool:
+            for _ in range(100):
+                if client.get("/health").json()["status"] == status:
+                    return True
+                time.sleep(0.05)
+            return False
+
+        double.down = True
+        assert settles_on("ERROR")
+        double.down = False
+        assert settles_on("OK")
