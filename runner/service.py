@@ -18,7 +18,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from runner import device as devices
-from runner import footprint, media, safety
+from runner import footprint, hardware, media, safety
 from runner.cache import Loader, ModelCache
 from runner.executor import Executor, Lane, free_device_memory
 from runner.hub import ModelFiles
@@ -76,7 +76,7 @@ class Service:
         self.cache = ModelCache(
             Loader(load=self._load, estimate=self._estimate, measure=footprint.measure,
                    release=free_device_memory, unload=unload_model),
-            budget=int(settings.vram_budget or 0),
+            budget=self._budget(),
         )
         # Enough worker threads for every lane to run at its limit at once, so one busy
         # pipeline cannot take the threads another pipeline's requests need.
@@ -116,12 +116,13 @@ class Service:
                 self._module(entry).build_tiny(entry, self.model_dir)
 
     def _budget(self) -> int:
+        """VRAM_BUDGET, or the device total minus the reserve. Known before any request:
+        NVML answers without importing torch (one GPU per container: the first it sees)."""
         if self.settings.vram_budget is not None:
             return int(self.settings.vram_budget)
-        if self.device.is_cuda:
-            import torch
-
-            total = torch.cuda.mem_get_info(self.device.torch)[1]
+        gpus = hardware.gpu_info() if self.device.is_cuda else {}
+        if gpus:
+            total = next(iter(gpus.values()))["memory_total"]
         else:
             import psutil
 
@@ -156,12 +157,6 @@ class Service:
 
         if self.tiny:
             await anyio.to_thread.run_sync(devices.configure_for_tiny)
-        try:
-            self.cache.budget = await anyio.to_thread.run_sync(self._budget)
-        except Exception:
-            log.exception("the device could not be queried; /health reports ERROR")
-            self.health = "ERROR"
-            return
         while True:
             await self._probe()
             if self.settings.health_probe_seconds <= 0:
