@@ -20,6 +20,7 @@ from sse_starlette import EventSourceResponse
 
 from runner import hardware
 from runner.errors import RunnerError, Unauthorized
+from runner.executor import as_inference_error
 from runner.pipeline import is_multipart, operation_id, summary
 from runner.protocol import (
     HardwareInformation,
@@ -100,17 +101,26 @@ async def stream_events(service: Service, module: types.ModuleType, request: Bas
                         | None = None) -> EventSourceResponse:
     """Server-sent events: `data: <chunk json>` per chunk, then `data: [DONE]`. The session is
     opened first, so unknown models, full queues and the like keep their status codes; an
-    error after the first byte is sent as `data: {"error": ...}`. A client that goes away
+    error after the first chunk is sent as `data: {"error": ...}`. A client that goes away
     cancels the generator, which stops the backend and frees the lane. `adapt` rewrites the
     module's chunks into another wire format (the OpenAI layer's)."""
     stack = AsyncExitStack()
     session = await stack.enter_async_context(service.session(module, request))
+    chunks = service.stream(module, session)
+    chunks = adapt(chunks) if adapt else chunks
+    try:  # a stream that fails before its first chunk still gets its own status code
+        first = await anext(chunks, None)
+    except BaseException as exc:
+        await stack.aclose()
+        raise exc if isinstance(exc, RunnerError) or not isinstance(exc, Exception) \
+            else as_inference_error(exc) from exc
 
     async def events():
         try:
-            chunks = service.stream(module, session)
-            async for chunk in (adapt(chunks) if adapt else chunks):
-                yield {"data": chunk.model_dump_json(exclude_none=True)}
+            if first is not None:
+                yield {"data": first.model_dump_json(exclude_none=True)}
+                async for chunk in chunks:
+                    yield {"data": chunk.model_dump_json(exclude_none=True)}
             yield {"data": "[DONE]"}
         except RunnerError as exc:
             yield {"data": json.dumps({"error": {"message": exc.msg}})}

@@ -267,10 +267,10 @@ def test_ollama_tags_directly(tmp_path_factory, monkeypatch, double):
         r = client.post("/llm", json=chat(model="phi3:mini"))
         assert r.status_code == 422
         assert "'phi3:mini'" in r.json()["detail"][0]["msg"]
-        # Streaming: the 200 is already sent when the daemon says 404, so it comes in-band.
+        # Streaming: the daemon's 404 arrives before the first chunk, so it is a 422 too.
         r = client.post("/llm", json=chat(model="phi3:mini", stream=True))
-        (error,) = [json.loads(d) for d in sse_data(r.text)]
-        assert "'phi3:mini'" in error["error"]["message"]
+        assert r.status_code == 422
+        assert "'phi3:mini'" in r.json()["detail"][0]["msg"]
 
 
 def test_ollama_missing_model_is_422_or_pulled(tmp_path_factory, monkeypatch, double):
@@ -322,7 +322,7 @@ def test_ollama_daemon_down(tmp_path_factory, monkeypatch, double):
         assert r.headers["retry-after"]
         msg = r.json()["detail"]["msg"]
         assert "Ollama daemon" in msg and url in msg and "not reachable" in msg
-    # Down after the start: 503 without streaming, an in-band error with it.
+    # Down after the start: 503, streaming or not (it fails before the first chunk).
     with ollama_app(tmp_path_factory, monkeypatch, double) as client:
         service = client.app.state.service
         backend = service.cache.resident(service.registry.default("llm"))
@@ -331,8 +331,7 @@ def test_ollama_daemon_down(tmp_path_factory, monkeypatch, double):
         r = client.post("/llm", json=chat())
         assert r.status_code == 503 and "not reachable" in r.json()["detail"]["msg"]
         r = client.post("/llm", json=chat(stream=True))
-        (error,) = [json.loads(d) for d in sse_data(r.text)]
-        assert "not reachable" in error["error"]["message"]
+        assert r.status_code == 503 and "not reachable" in r.json()["detail"]["msg"]
         assert asyncio.run(llm.health(backend)) is False
 
 
