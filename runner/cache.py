@@ -102,6 +102,25 @@ class ModelCache:
         async with self.use(entry):
             pass
 
+    async def load(self, entry: ModelEntry) -> None:
+        """Load `entry` now (an operator warming a model before traffic arrives)."""
+        async with self.use(entry):
+            pass
+
+    def unload(self, entry: ModelEntry) -> bool:
+        """Unpin and drop `entry` if no request holds it; False when it is busy."""
+        slot = self._slots.get(self.key(entry))
+        if slot is None:
+            return True
+        if slot.users or slot.state == "loading":
+            return False
+        slot.pinned = False
+        if slot.state == "ready":
+            self._evict(slot)
+        else:
+            self._forget(slot)
+        return True
+
     @asynccontextmanager
     async def use(self, entry: ModelEntry) -> AsyncIterator[Any]:
         slot = self._slot(entry)
@@ -143,6 +162,8 @@ class ModelCache:
             slot.loading = None
             metrics.CACHE_LOADS.labels(entry.id, "ok").inc()
             metrics.LOAD_SECONDS.labels(entry.id).observe(slot.load_seconds)
+            if slot.estimated:
+                metrics.ESTIMATE_RATIO.labels(entry.id).set(slot.measured / slot.estimated)
             metrics.RESIDENT_BYTES.set(self.resident_bytes)
             log.info("loaded %s in %.2fs (%d MiB)", entry.id, slot.load_seconds,
                      slot.bytes >> 20)

@@ -23,3 +23,5 @@ LOAD_SECONDS = Histogram(
 )
 RESIDENT_BYTES = Gauge("runner_resident_bytes", "Bytes held by resident models")
 BUDGET_BYTES = Gauge("runner_budget_bytes", "Byte budget of the model cache")
+ESTIMATE_RATIO = Gauge("runner_estimate_ratio",
+                       "Measured over estimated bytes of a model's last load", ["model"])

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
 from runner import hardware
-from runner.errors import RunnerError, Unauthorized
+from runner.errors import FieldError, RunnerError, Unauthorized, Unavailable
 from runner.executor import as_inference_error
 from runner.pipeline import is_multipart, operation_id, summary
 from runner.protocol import (
@@ -182,10 +182,56 @@ def status_router(service: Service, settings: Settings) -> APIRouter:
     return router
 
 
+def models_router(service: Service, settings: Settings) -> APIRouter:
+    """Operator control of the warm cache: load, pin or unload a listed model by id (ids
+    contain '/', hence the path converter); `pipeline` picks among pipelines sharing an id."""
+    router = APIRouter(prefix="/models", tags=["models"], include_in_schema=False,
+                       dependencies=[Depends(bearer_auth(settings.auth_token))])
+
+    def entry_for(model_id: str, pipeline: str):
+        names = [pipeline] if pipeline else [
+            n for n in service.modules if model_id in {e.id for e in service.registry.entries(n)}]
+        if pipeline and pipeline not in service.modules:
+            raise FieldError("pipeline", f"this runner does not serve {pipeline!r}")
+        if len(names) != 1:
+            where = ", ".join(names) or "no served pipeline"
+            raise FieldError("model_id", f"{model_id!r} is listed for {where}; "
+                             "name one with ?pipeline=")
+        return service.registry.resolve(names[0], model_id)
+
+    def state(entry) -> dict:
+        return next((d for d in service.cache.describe()
+                     if d["id"] == entry.id and d["pipeline"] == entry.pipeline),
+                    {"id": entry.id, "pipeline": entry.pipeline, "state": "cold"})
+
+    @router.post("/{model_id:path}/load")
+    async def load(model_id: str, pipeline: str = "") -> dict:
+        entry = entry_for(model_id, pipeline)
+        await service.cache.load(entry)
+        return state(entry)
+
+    @router.post("/{model_id:path}/pin")
+    async def pin(model_id: str, pipeline: str = "") -> dict:
+        entry = entry_for(model_id, pipeline)
+        await service.cache.pin(entry)
+        return state(entry)
+
+    @router.post("/{model_id:path}/unload")
+    async def unload(model_id: str, pipeline: str = "") -> dict:
+        entry = entry_for(model_id, pipeline)
+        if not service.cache.unload(entry):
+            raise Unavailable(f"{entry.id} is serving requests; retry when they finish",
+                              retry_after=1)
+        return state(entry)
+
+    return router
+
+
 def install(app: FastAPI, service: Service, settings: Settings) -> None:
     from runner import openai
 
     app.include_router(status_router(service, settings))
+    app.include_router(models_router(service, settings))
     app.include_router(generate_router(service, settings))
     for module in service.modules.values():
         if getattr(module, "OPENAI_CHAT", False):

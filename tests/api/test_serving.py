@@ -143,3 +143,49 @@ def test_form_fields_over_one_mebibyte_are_accepted(echo):
     r = echo.post("/echo-image", files={"image": PNG}, data={"points": points})
     assert r.status_code == 200, r.text
     assert len(r.json()["points"]) == 80_000
+
+
+def test_operators_load_pin_and_unload_models(app_client, make_settings):
+    client = app_client(echo_settings(make_settings, auth_token="op"), echo_modules())
+    auth = {"Authorization": "Bearer op"}
+
+    def states():
+        return {m["id"]: (m["state"], m["pinned"])
+                for m in client.get("/models").json()["models"]}
+
+    assert client.post("/models/test/echo-a/load").status_code == 401
+    r = client.post("/models/test/echo-a/load", headers=auth)
+    assert r.status_code == 200 and r.json()["state"] == "ready"
+    assert states()["test/echo-a"] == ("ready", False)
+    r = client.post("/models/test/echo-b/pin?pipeline=echo-image", headers=auth)
+    assert r.json()["pinned"] is True
+    r = client.post("/models/test/echo-b/unload", headers=auth)
+    assert r.status_code == 200 and r.json()["state"] == "cold"
+    assert "test/echo-b" not in states()
+    r = client.post("/models/nobody/nothing/load", headers=auth)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "model_id"]
+    r = client.post("/models/test/echo-a/load?pipeline=text-to-speech", headers=auth)
+    assert r.status_code == 422
+    metrics = client.get("/metrics/").text
+    assert 'runner_estimate_ratio{model="test/echo-a"}' in metrics
+
+
+def test_a_busy_model_is_not_unloaded(live_server, make_settings):
+    server = live_server(create_app(echo_settings(make_settings), echo_modules()))
+    done = threading.Event()
+
+    def long_request():
+        with server.client() as http:
+            http.post("/echo-image", files={"image": PNG}, data={"sleep": "2"})
+        done.set()
+
+    with server.client() as http:
+        wait_ready(http)
+        threading.Thread(target=long_request).start()
+        while not any(m["in_flight"] for m in http.get("/models").json()["models"]):
+            time.sleep(0.01)
+        r = http.post("/models/test/echo-small/unload")
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        done.wait(10)
+        r = http.post("/models/test/echo-small/unload")
+        assert r.status_code == 200 and r.json()["state"] == "cold"
