@@ -83,10 +83,8 @@ class Executor:
             started = time.monotonic()
             try:
                 return await fn(*args)
-            except RunnerError:
-                raise
             except Exception as exc:
-                raise as_inference_error(exc) from exc
+                raise as_runner_error(exc) from exc
             finally:
                 lane.record(time.monotonic() - started)
 
@@ -105,6 +103,12 @@ class Executor:
 
 def is_oom(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError"
+
+
+def as_runner_error(exc: Exception) -> RunnerError:
+    """Errors the runner raised on purpose stay as they are; anything else is a model
+    failure (500)."""
+    return exc if isinstance(exc, RunnerError) else as_inference_error(exc)
 
 
 def as_inference_error(exc: BaseException) -> InferenceError:

@@ -18,9 +18,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
-from runner import hardware
+from runner import hardware, metrics
 from runner.errors import FieldError, RunnerError, Unauthorized, Unavailable
-from runner.executor import as_inference_error
+from runner.executor import as_runner_error
 from runner.pipeline import is_multipart, operation_id, summary
 from runner.protocol import (
     HardwareInformation,
@@ -71,11 +71,20 @@ def add_generate_route(router: APIRouter, module: types.ModuleType, service: Ser
     Request = module.Request
 
     async def respond(request: BaseModel, response: Response):
-        if getattr(request, "stream", False) and hasattr(module, "stream"):
-            return await stream_events(service, module, request)
-        timings: dict[str, float] = {}
-        result = await service.generate(module, request, timings)
-        response.headers["Server-Timing"] = server_timing(timings)
+        try:
+            if getattr(request, "stream", False) and hasattr(module, "stream"):
+                result = await stream_events(service, module, request)
+            else:
+                timings: dict[str, float] = {}
+                result = await service.generate(module, request, timings)
+                response.headers["Server-Timing"] = server_timing(timings)
+        except RunnerError as exc:
+            metrics.REQUESTS.labels(module.NAME, str(exc.status_code)).inc()
+            raise
+        except Exception:
+            metrics.REQUESTS.labels(module.NAME, "500").inc()
+            raise
+        metrics.REQUESTS.labels(module.NAME, "200").inc()
         return result
 
     if is_multipart(Request):
@@ -110,10 +119,15 @@ async def stream_events(service: Service, module: types.ModuleType, request: Bas
     chunks = adapt(chunks) if adapt else chunks
     try:  # a stream that fails before its first chunk still gets its own status code
         first = await anext(chunks, None)
-    except BaseException as exc:
+    except Exception as exc:
         await stack.aclose()
-        raise exc if isinstance(exc, RunnerError) or not isinstance(exc, Exception) \
-            else as_inference_error(exc) from exc
+        error = as_runner_error(exc)
+        if error is exc:
+            raise
+        raise error from exc
+    except BaseException:
+        await stack.aclose()
+        raise
 
     async def events():
         try:

@@ -18,7 +18,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from runner import device as devices
-from runner import footprint, hardware, media, safety
+from runner import footprint, hardware, media, metrics, safety
 from runner.cache import Loader, ModelCache
 from runner.executor import Executor, Lane, free_device_memory
 from runner.hub import ModelFiles
@@ -204,11 +204,12 @@ class Service:
     async def generate(self, module: types.ModuleType, request: BaseModel,
                        timings: dict[str, float] | None = None) -> BaseModel:
         async with self.session(module, request, timings) as s:
-            if inspect.iscoroutinefunction(module.run):  # talks to a daemon: no thread needed
-                return await self.executor.run_async(s.lane, module.run, s.model, s.request,
-                                                      s.ctx)
-            return await self.executor.run(s.lane, module.run, s.model, s.request, s.ctx,
-                                           on_oom=self.cache.evict_idle)
+            with metrics.INFERENCE_SECONDS.labels(module.NAME, s.ctx.entry.id).time():
+                if inspect.iscoroutinefunction(module.run):  # waits on a daemon: no thread
+                    return await self.executor.run_async(s.lane, module.run, s.model,
+                                                          s.request, s.ctx)
+                return await self.executor.run(s.lane, module.run, s.model, s.request, s.ctx,
+                                               on_oom=self.cache.evict_idle)
 
     @staticmethod
     async def stream(module: types.ModuleType, s: Session) -> AsyncIterator[BaseModel]:

@@ -189,3 +189,12 @@ def test_a_busy_model_is_not_unloaded(live_server, make_settings):
         done.wait(10)
         r = http.post("/models/test/echo-small/unload")
         assert r.status_code == 200 and r.json()["state"] == "cold"
+
+
+def test_metrics_count_requests_and_time_inference(echo):
+    echo.post("/echo-image", files={"image": PNG})
+    echo.post("/echo-image", files={"image": PNG}, data={"model_id": "nope/nope"})
+    text = echo.get("/metrics/").text
+    assert 'runner_requests_total{pipeline="echo-image",status="200"}' in text
+    assert 'runner_requests_total{pipeline="echo-image",status="422"}' in text
+    assert 'runner_inference_seconds_count{model="test/echo-small",pipeline="echo-image"}' in text
