@@ -464,15 +464,6 @@ class OllamaBackend(Backend):
         except (ResponseError, ConnectionError, httpx.TransportError) as exc:
             log.warning("could not unload %s from the Ollama daemon: %s", self.tag, exc)
 
-    async def aunload(self) -> None:
-        import httpx
-        from ollama import ResponseError
-
-        try:
-            await self.client.chat(model=self.tag, messages=[], keep_alive=0)
-        except (ResponseError, ConnectionError, httpx.TransportError) as exc:
-            log.warning("could not unload %s from the Ollama daemon: %s", self.tag, exc)
-
 
 # -- the transformers backend ----------------------------------------------------------------
 
