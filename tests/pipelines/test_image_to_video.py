@@ -17,7 +17,7 @@ from runner.device import Device
 from runner.hub import ModelFiles
 from runner.registry import ModelEntry, Registry
 from runner.service import RunContext
-from tests.conftest import decode_png_url, pixels, png_bytes, serving
+from tests.conftest import decode_png_url, pixels, png_bytes, post_image, serving
 from tests.support.contract import assert_valid
 
 FRAMES = 25  # models.yaml: options.num_frames of both SVD xt models
@@ -27,14 +27,9 @@ SAFETY_CHECKER = ModelEntry(id="CompVis/stable-diffusion-safety-checker",
                             kind="clip-safety-checker")
 
 
-def upload(data: bytes | None = None) -> dict:
-    return {"image": ("cat.png", png_bytes(80, 48) if data is None else data, "image/png")}
-
-
-def post(client, files=None, **fields):
-    data = {**SMALL, **{k: str(v) for k, v in fields.items()}}
-    return client.post("/image-to-video", data=data,
-                       files=upload() if files is None else files)
+def post(client, image: bytes | None = None, path: str = "/image-to-video", **fields):
+    return post_image(client, path, png_bytes(80, 48) if image is None else image,
+                      **{**SMALL, **fields})
 
 
 def generate(client, **fields) -> list[dict]:
@@ -137,14 +132,14 @@ def test_missing_image_is_422(i2v):
 
 @pytest.mark.parametrize("data", [b"", b"not an image at all"])
 def test_undecodable_image_is_400(i2v, data):
-    r = post(i2v, files=upload(data))
+    r = post(i2v, data)
     assert r.status_code == 400, r.text
     assert_valid(r.json(), "HTTPError")
     assert "image" in r.json()["detail"]["msg"]
 
 
 def test_trailing_slash_route(i2v):
-    r = i2v.post("/image-to-video/", data={**SMALL, "num_inference_steps": "1"}, files=upload())
+    r = post(i2v, path="/image-to-video/", num_inference_steps="1")
     assert r.status_code == 200, r.text
 
 
