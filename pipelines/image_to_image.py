@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from pipelines import _diffusion as diffusion
+from pipelines import _working_memory as wm
 from pipelines._fields import (
     GuidanceScale,
     Loras,
@@ -89,3 +90,20 @@ def check_strength(strength: float | None, steps: int | None) -> None:
 
 def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
     diffusion.build_tiny_family(entry, model_dir)
+
+
+def output_size(entry: ModelEntry, request: ImageToImageParams) -> tuple[int, int]:
+    return wm.upload_size(request.image, int(entry.options.get("max_pixels", DEFAULT_MAX_PIXELS)))
+
+
+def working_memory(entry: ModelEntry, request: ImageToImageParams, float_bytes: int) -> int:
+    width, height = output_size(entry, request)
+    images = request.num_images_per_prompt
+    # instruct-pix2pix guides on the text and on the image: three branches per image.
+    branches = 3 if entry.kind == "pix2pix" else 2
+    return wm.diffusion(wm.guided_batch(images, request.guidance_scale, branches),
+                        width * height // 64, images * width * height, float_bytes)
+
+
+def largest_fitting(entry: ModelEntry, request: ImageToImageParams, fraction: float) -> str:
+    return wm.square_hint(*output_size(entry, request), fraction, "input images")

@@ -34,6 +34,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
+from pipelines import _working_memory as wm
 from pipelines._fields import ModelId
 from runner.device import Device
 from runner.errors import BadRequest
@@ -335,3 +336,8 @@ def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
     with writing_snapshot(model_dir, entry.main.repo) as folder:
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
+
+
+def working_memory(entry: ModelEntry, request: Any, float_bytes: int) -> int:
+    """One image at BLIP's fixed input size; batched requests each reserve their own."""
+    return wm.fixed(128, float_bytes)

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
+from pipelines import _working_memory as wm
 from pipelines._fields import ModelId
 from runner.device import Device
 from runner.errors import BadRequest, InferenceError, ModelLoadError
@@ -765,3 +766,8 @@ def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
     model = tiny_transformers_model()
     with writing_snapshot(model_dir, entry.main.repo) as folder:
         model.save_pretrained(folder)
+
+
+def working_memory(entry: ModelEntry, request: Any, float_bytes: int) -> int:
+    """The image encoder at SAM2's fixed 1024x1024 input dominates."""
+    return wm.fixed(1024, float_bytes)

@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from pipelines import _diffusion as diffusion
+from pipelines import _working_memory as wm
 from pipelines._fields import (
     GuidanceScale,
     Loras,
@@ -63,3 +64,14 @@ def run(model: diffusion.DiffusionModel, request: TextToImageParams, ctx) -> Ima
 
 def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
     diffusion.build_tiny_family(entry, model_dir)
+
+
+def working_memory(entry: ModelEntry, request: TextToImageParams, float_bytes: int) -> int:
+    images = request.num_images_per_prompt
+    return wm.diffusion(wm.guided_batch(images, request.guidance_scale),
+                        request.width * request.height // 64,
+                        images * request.width * request.height, float_bytes)
+
+
+def largest_fitting(entry: ModelEntry, request: TextToImageParams, fraction: float) -> str:
+    return wm.square_hint(request.width, request.height, fraction)

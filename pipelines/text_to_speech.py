@@ -30,6 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
+from pipelines import _working_memory as wm
 from pipelines._fields import ModelId
 from runner.device import Device
 from runner.errors import BadRequest
@@ -325,3 +326,8 @@ def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
         with writing_snapshot(model_dir, entry.main.repo) as folder:
             model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
+
+
+def working_memory(entry: ModelEntry, request: Any, float_bytes: int) -> int:
+    """One chunk of text at a time; the audio codes of ~30 s dominate."""
+    return wm.fixed(512, float_bytes)

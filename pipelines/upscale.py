@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from pipelines import _diffusion as diffusion
+from pipelines import _working_memory as wm
 from pipelines._fields import ModelId, Prompt, SafetyCheck, Seed, Steps
 from runner.device import Device
 from runner.hub import ModelFiles, writing_snapshot
@@ -153,3 +154,17 @@ def tiny_upscale_pipeline() -> Any:
 def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
     with writing_snapshot(model_dir, entry.main.repo) as folder:
         diffusion.save_pipeline(tiny_upscale_pipeline(), folder)
+
+
+def working_memory(entry: ModelEntry, request: UpscaleParams, float_bytes: int) -> int:
+    width, height = wm.upload_size(request.image, input_cap(entry))
+    out = 16 * width * height
+    # The x4 UNet denoises at the input's own resolution, guided (batch 2); the VAE decodes
+    # 4x that per side, in tiles above the threshold (about one 512x512 tile's worth).
+    decoded = min(out, 512 * 512) if needs_vae_tiling(4 * width, 4 * height, entry) else out
+    return wm.diffusion(2, width * height, decoded, float_bytes, wm.UPSCALER_BYTES_PER_PIXEL)
+
+
+def largest_fitting(entry: ModelEntry, request: UpscaleParams, fraction: float) -> str:
+    return wm.square_hint(*wm.upload_size(request.image, input_cap(entry)), fraction,
+                          "input images")

@@ -1,9 +1,15 @@
-"""The warm-model cache: every loaded model of the process, the safety checker included.
+"""The warm-model cache (DESIGN section 4): every loaded model of the process, the safety
+checker included, on one device budget.
 
-First version of DESIGN section 4: a byte budget, one load at a time, concurrent requests for a
-cold model share its load, warm requests never wait behind a cold load, idle models are evicted
-least-recently-used first, models with requests in flight or queued are never evicted, and
-pinned models (the default warm models) never leave.
+A model lives in a tier: `device` (ready to serve), `host` (demoted to CPU RAM, a fast reload)
+or `none`. Requests hold their model with `use()` (it is brought to the device, sharing one
+load with every other request for it) and reserve their working memory with `reserve()` just
+before they run. Room is made by moving idle models down a tier, cheapest to bring back per
+byte freed first; models in use never move; pinned models (the warm defaults) are only
+demoted, and only when nothing else frees enough, and come back once the device is idle.
+
+The budget is `base_budget` minus what others hold on the device (read from `Memory`) minus
+what an unload failed to give back.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,36 +28,80 @@ import anyio
 
 from runner import metrics
 from runner.errors import FieldError, Unavailable
+from runner.memory import HostMemory, Memory
 from runner.registry import ModelEntry
 
 log = logging.getLogger(__name__)
+
+DISK_BYTES_PER_S = 1 << 30  # reload-cost guesses until a model's own times are measured
+HOST_BYTES_PER_S = 8 << 30
+SAFETY_MARGIN = 1.1  # on measured working-memory peaks
+
+
+def event(name: str, **fields: Any) -> None:
+    """One structured log line per cache decision: `cache event=evict model=... bytes=...`."""
+    log.info("cache event=%s %s", name, " ".join(f"{k}={v}" for k, v in fields.items()))
+
+
+@dataclass
+class Learned:
+    """What the cache has measured about a model; kept after the model leaves memory."""
+
+    weights: int | None = None  # measured bytes on the device
+    load_seconds: float | None = None  # from disk
+    promote_seconds: float | None = None  # from the host tier
+    peaks: dict[int, int] = field(default_factory=dict)  # working-memory peak per size bucket
+    ratio: float | None = None  # measured peak over estimate, the largest seen
+    run_seconds: float = 1.0  # exponential average of a reservation's length
 
 
 @dataclass(eq=False)
 class Slot:
     entry: ModelEntry
-    state: str = "cold"  # cold -> loading -> ready; failed loads leave the cache
+    learned: Learned
+    tier: str = "none"  # none | host | device
+    target: str | None = None  # the tier a move in flight goes to; counted in both meanwhile
+    moving: asyncio.Future | None = None  # a load, promotion, demotion or drop in flight
     model: Any = None
     estimated: int = 0
-    measured: int | None = None
     users: int = 0  # requests holding the model or waiting for it
+    running: int = 0  # working-memory bytes reserved by its running requests
     pinned: bool = False
     loads: int = 0
+    hits: int = 0
+    demotions: int = 0
     last_used: float = field(default_factory=time.monotonic)
-    load_seconds: float = 0.0
-    loading: asyncio.Future | None = None
 
     @property
     def bytes(self) -> int:
-        return self.measured if self.measured is not None else self.estimated
+        return self.learned.weights if self.learned.weights is not None else self.estimated
 
-    def describe(self) -> dict[str, Any]:
+    def occupies(self, tier: str) -> bool:
+        return self.tier == tier or self.target == tier
+
+    @property
+    def idle(self) -> bool:
+        return self.users == 0 and self.moving is None
+
+    def reload_seconds(self, tier: str) -> float:
+        """What bringing it back costs if it goes to `tier` now."""
+        if tier == "host":
+            known = self.learned.promote_seconds
+            return known if known is not None else self.bytes / HOST_BYTES_PER_S
+        known = self.learned.load_seconds
+        return known if known is not None else self.bytes / DISK_BYTES_PER_S
+
+    def describe(self, now: float) -> dict[str, Any]:
         return {
-            "id": self.entry.id, "pipeline": self.entry.pipeline, "state": self.state,
-            "tier": "device" if self.state == "ready" else "none", "pinned": self.pinned,
-            "in_flight": self.users, "estimated_bytes": self.estimated,
-            "measured_bytes": self.measured, "loads": self.loads,
-            "load_seconds": round(self.load_seconds, 3),
+            "id": self.entry.id, "pipeline": self.entry.pipeline,
+            "state": "loading" if self.moving is not None and self.target == "device"
+            else {"device": "ready", "host": "demoted", "none": "cold"}[self.tier],
+            "tier": self.tier, "pinned": self.pinned, "in_flight": self.users,
+            "estimated_bytes": self.estimated, "measured_bytes": self.learned.weights,
+            "running_bytes": self.running, "loads": self.loads, "hits": self.hits,
+            "demotions": self.demotions,
+            "load_seconds": round(self.learned.load_seconds or 0.0, 3),
+            "idle_seconds": round(now - self.last_used, 1),
         }
 
 
@@ -62,158 +113,513 @@ class Loader:
     estimate: Callable[[ModelEntry], int]
     measure: Callable[[Any], int]
     release: Callable[[], None] = lambda: None
-    unload: Callable[[Any], None] = lambda model: None  # before an evicted model is dropped
+    unload: Callable[[Any], None] = lambda model: None  # before a dropped model is let go
+    # move(entry, model, "host" | "device"), in place; None: no host tier
+    move: Callable[[ModelEntry, Any, str], None] | None = None
+    movable: Callable[[Any], bool] = lambda model: True
+    external: Callable[[Any], bool] = lambda model: False  # held by another process (Ollama)
+
+
+@dataclass(eq=False)
+class Reservation:
+    """A running request's share of the device's working memory."""
+
+    nbytes: int
+    bucket: int
+    peak: int | None = None  # set from the worker thread once the run is over
+    shared: bool = False  # other runs overlapped it, so its peak is not its own
+    started: float = field(default_factory=time.monotonic)
 
 
 class ModelCache:
-    def __init__(self, loader: Loader, budget: int):
+    def __init__(self, loader: Loader, budget: int, host_budget: int = 0,
+                 memory: Memory | None = None):
         self._loader = loader
-        self.budget = budget
+        self.base_budget = budget
+        self.host_budget = host_budget if loader.move is not None else 0
+        self.memory: Memory = memory or HostMemory()
+        self.foreign = 0  # bytes others hold on the device, as last read
+        self.leaked = 0  # bytes unloads did not give back
         self._slots: dict[str, Slot] = {}
+        self._learned: dict[str, Learned] = {}
+        self._reservations: set[Reservation] = set()
         self._load_lock = asyncio.Lock()
-        metrics.BUDGET_BYTES.set(budget)
+        self._changed = asyncio.Event()
+        self._restoring: asyncio.Future | None = None
+        self._publish()
+
+    # -- bookkeeping --------------------------------------------------------------------------
 
     @staticmethod
     def key(entry: ModelEntry) -> str:
         return f"{entry.pipeline}:{entry.id}"
 
     def _slot(self, entry: ModelEntry) -> Slot:
-        return self._slots.setdefault(self.key(entry), Slot(entry))
+        key = self.key(entry)
+        if key not in self._slots:
+            self._slots[key] = Slot(entry, self._learned.setdefault(key, Learned()))
+        return self._slots[key]
+
+    @property
+    def budget(self) -> int:
+        return max(0, self.base_budget - self.foreign - self.leaked)
+
+    def tier_bytes(self, tier: str) -> int:
+        return sum(s.bytes for s in self._slots.values() if s.occupies(tier))
 
     @property
     def resident_bytes(self) -> int:
-        return sum(s.bytes for s in self._slots.values() if s.state == "ready")
+        return self.tier_bytes("device")
+
+    @property
+    def running_bytes(self) -> int:
+        return sum(s.running for s in self._slots.values())
+
+    @property
+    def free(self) -> int:
+        return self.budget - self.resident_bytes - self.running_bytes
+
+    def refresh(self) -> None:
+        """Read what others hold now; models another process holds for us (an Ollama daemon's)
+        are ours, not foreign."""
+        ours_elsewhere = sum(s.bytes for s in self._slots.values()
+                             if s.tier == "device" and self._loader.external(s.model))
+        self.foreign = max(0, self.memory.others() - ours_elsewhere)
+        self._publish()
+
+    def _publish(self) -> None:
+        metrics.BUDGET_BYTES.set(self.budget)
+        metrics.FOREIGN_BYTES.set(self.foreign + self.leaked)
+        metrics.RESIDENT_BYTES.labels("device").set(self.resident_bytes)
+        metrics.RESIDENT_BYTES.labels("host").set(self.tier_bytes("host"))
+        metrics.RUNNING_BYTES.set(self.running_bytes)
+
+    def _notify(self) -> None:
+        """Wake everything waiting for room; and once no request holds a model, bring demoted
+        pinned models back."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+        self._publish()
+        if self._restoring is None and any(
+                s.pinned and s.tier == "host" and s.idle for s in self._slots.values()):
+            self._restoring = asyncio.ensure_future(self._restore_pinned())
 
     def describe(self) -> list[dict[str, Any]]:
-        return [s.describe() for s in self._slots.values()]
+        now = time.monotonic()
+        return [s.describe(now) for s in self._slots.values()]
+
+    def summary(self) -> dict[str, int]:
+        return {"budget_bytes": self.budget, "base_budget_bytes": self.base_budget,
+                "foreign_bytes": self.foreign, "leaked_bytes": self.leaked,
+                "resident_bytes": self.resident_bytes, "running_bytes": self.running_bytes,
+                "host_budget_bytes": self.host_budget, "host_bytes": self.tier_bytes("host")}
 
     def resident(self, entry: ModelEntry) -> Any:
-        """The loaded model of `entry`, or None; for inspection, not for serving requests."""
+        """The model of `entry` if it is on the device; for inspection, not for serving."""
         slot = self._slots.get(self.key(entry))
-        return slot.model if slot is not None and slot.state == "ready" else None
+        return slot.model if slot is not None and slot.tier == "device" else None
 
     def is_ready(self, entry: ModelEntry) -> bool:
         slot = self._slots.get(self.key(entry))
-        return slot is not None and slot.state == "ready"
+        return slot is not None and slot.tier == "device" and slot.moving is None
+
+    # -- operator actions ---------------------------------------------------------------------
 
     async def pin(self, entry: ModelEntry) -> None:
-        """Load `entry` and keep it resident for the life of the process."""
+        """Load `entry` and keep it in memory for the life of the process."""
         self._slot(entry).pinned = True
         async with self.use(entry):
             pass
 
     async def load(self, entry: ModelEntry) -> None:
-        """Load `entry` now (an operator warming a model before traffic arrives)."""
+        """Bring `entry` to the device now (warming a model before traffic arrives)."""
         async with self.use(entry):
             pass
 
-    def unload(self, entry: ModelEntry) -> bool:
-        """Unpin and drop `entry` if no request holds it; False when it is busy."""
+    async def unload(self, entry: ModelEntry) -> bool:
+        """Unpin `entry` and drop it from memory; False while requests hold it."""
         slot = self._slots.get(self.key(entry))
         if slot is None:
             return True
-        if slot.users or slot.state == "loading":
+        if not slot.idle:
             return False
         slot.pinned = False
-        if slot.state == "ready":
-            self._evict(slot)
-        else:
+        if slot.tier == "none":
             self._forget(slot)
+        else:
+            await self._execute([(slot, "none")], reason="operator")
         return True
 
+    # -- serving ------------------------------------------------------------------------------
+
     @asynccontextmanager
-    async def use(self, entry: ModelEntry) -> AsyncIterator[Any]:
+    async def use(self, entry: ModelEntry, deadline: float | None = None) -> AsyncIterator[Any]:
+        """Hold `entry`'s model on the device for a request; loaded or promoted if it is not."""
         slot = self._slot(entry)
-        slot.users += 1  # counted before any await, so nothing evicts it while we wait
+        slot.users += 1  # counted before any await, so nothing moves it while we wait
         try:
-            await self._ready(slot)
+            await self._on_device(slot, deadline)
             yield slot.model
         finally:
             slot.users -= 1
             slot.last_used = time.monotonic()
-
-    async def _ready(self, slot: Slot) -> None:
-        if slot.state == "ready":
-            metrics.CACHE_HITS.inc()
-            return
-        if slot.loading is None:
-            slot.loading = asyncio.ensure_future(self._load(slot))
-        # Shielded: one client going away must not cancel a load others are waiting on.
-        await asyncio.shield(slot.loading)
-
-    async def _load(self, slot: Slot) -> None:
-        entry = slot.entry
-        async with self._load_lock:
-            slot.state = "loading"
-            started = time.monotonic()
-            try:
-                slot.estimated = await anyio.to_thread.run_sync(self._loader.estimate, entry)
-                self._make_room(slot.estimated, keep=slot)
-                model = await anyio.to_thread.run_sync(self._loader.load, entry)
-            except BaseException:
-                metrics.CACHE_LOADS.labels(entry.id, "failed").inc()
+            if slot.tier == "none" and slot.idle:
                 self._forget(slot)
-                raise
-            slot.model, slot.state = model, "ready"
+            self._notify()
+
+    async def _on_device(self, slot: Slot, deadline: float | None) -> None:
+        if slot.tier == "device" and slot.moving is None:
+            slot.hits += 1
+            metrics.CACHE_REQUESTS.labels(slot.entry.id, "hit").inc()
+            return
+        metrics.CACHE_REQUESTS.labels(slot.entry.id, "miss").inc()
+        while not (slot.tier == "device" and slot.moving is None):
+            if slot.moving is None:
+                slot.moving = asyncio.ensure_future(self._bring(slot))
+            # Shielded: one client going away must not cancel a load others are waiting on.
+            await _until(asyncio.shield(slot.moving), deadline,
+                         f"{slot.entry.id} is still loading", slot.reload_seconds("none"))
+
+    async def _bring(self, slot: Slot) -> None:
+        """Load from disk or promote from the host tier, one at a time per device."""
+        try:
+            async with self._load_lock:
+                source = slot.tier
+                if source == "none":
+                    slot.estimated = await anyio.to_thread.run_sync(
+                        self._loader.estimate, slot.entry)
+                await self._make_room(slot.bytes, keep=slot)
+                slot.target = "device"
+                started = time.monotonic()
+                await self._fill(slot, source)
+                self._loaded(slot, source, time.monotonic() - started)
+        except BaseException:
+            if slot.tier == "none":
+                metrics.CACHE_LOADS.labels(slot.entry.id, "disk", "failed").inc()
+            raise
+        finally:
+            slot.target, slot.moving = None, None
+            if slot.tier == "none" and slot.idle:
+                self._forget(slot)
+            self._notify()
+
+    async def _fill(self, slot: Slot, source: str) -> None:
+        if source == "host":
+            await anyio.to_thread.run_sync(self._loader.move, slot.entry, slot.model,
+                                         "device")
+        else:
+            slot.model = await anyio.to_thread.run_sync(self._loader.load, slot.entry)
             # Off the event loop: a model held by a daemon is measured over HTTP.
-            slot.measured = await anyio.to_thread.run_sync(self._loader.measure, model)
+            slot.learned.weights = await anyio.to_thread.run_sync(self._loader.measure,
+                                                                  slot.model)
+        slot.tier = "device"
+
+    def _loaded(self, slot: Slot, source: str, seconds: float) -> None:
+        if source == "host":
+            slot.learned.promote_seconds = seconds
+        else:
+            slot.learned.load_seconds = seconds
             slot.loads += 1
-            slot.load_seconds = time.monotonic() - started
-            slot.loading = None
-            metrics.CACHE_LOADS.labels(entry.id, "ok").inc()
-            metrics.LOAD_SECONDS.labels(entry.id).observe(slot.load_seconds)
             if slot.estimated:
-                metrics.ESTIMATE_RATIO.labels(entry.id).set(slot.measured / slot.estimated)
-            metrics.RESIDENT_BYTES.set(self.resident_bytes)
-            log.info("loaded %s in %.2fs (%d MiB)", entry.id, slot.load_seconds,
-                     slot.bytes >> 20)
+                metrics.ESTIMATE_RATIO.labels(slot.entry.id).set(slot.bytes / slot.estimated)
+        tier = "disk" if source == "none" else source
+        metrics.CACHE_LOADS.labels(slot.entry.id, tier, "ok").inc()
+        metrics.LOAD_SECONDS.labels(slot.entry.id, tier).observe(seconds)
+        event("load", model=slot.entry.id, source=tier, seconds=f"{seconds:.3f}",
+              bytes=slot.bytes, estimated=slot.estimated)
 
     def _forget(self, slot: Slot) -> None:
-        slot.state, slot.loading, slot.model = "cold", None, None
+        slot.tier, slot.model = "none", None
         if not slot.pinned and self._slots.get(self.key(slot.entry)) is slot:
             del self._slots[self.key(slot.entry)]
 
-    def _make_room(self, needed: int, keep: Slot) -> None:
-        """Evict idle models, least recently used first, but only once it is certain the
-        load can then fit: a refused load must not cost anyone their warm model."""
-        free = self.budget - self.resident_bytes
-        if needed <= free:
+    # -- working memory -----------------------------------------------------------------------
+
+    def working_bytes(self, entry: ModelEntry, estimate: int) -> tuple[int, int]:
+        """The bytes to reserve for a run whose estimate is `estimate`, corrected by what runs
+        of the same size measured, and the size bucket they are filed under."""
+        if estimate <= 0:
+            return 0, 0
+        learned = self._learned.setdefault(self.key(entry), Learned())
+        bucket = estimate.bit_length()
+        if bucket in learned.peaks:
+            return int(learned.peaks[bucket] * SAFETY_MARGIN), bucket
+        if learned.ratio is not None:
+            return int(estimate * learned.ratio * SAFETY_MARGIN), bucket
+        return estimate, bucket
+
+    @asynccontextmanager
+    async def reserve(self, entry: ModelEntry, estimate: int, deadline: float | None = None,
+                      hint: Callable[[float], str] | None = None) -> AsyncIterator[Reservation]:
+        """Working memory for one run of `entry` (held with `use()`): waits until it fits
+        beside the resident models and the other running peaks, moving idle models out of
+        the way; a run that could never fit is a 422, with `hint(fraction)` saying what size
+        would (`fraction` of this one's working memory fits)."""
+        slot = self._slot(entry)
+        nbytes, bucket = self.working_bytes(entry, estimate)
+        if nbytes:
+            await self._admit(slot, nbytes, deadline, hint)
+        r = Reservation(nbytes, bucket)
+        if self._reservations:
+            r.shared = True
+            for other in self._reservations:
+                other.shared = True
+        self._reservations.add(r)
+        slot.running += nbytes
+        self._publish()
+        try:
+            yield r
+        finally:
+            self._reservations.discard(r)
+            slot.running -= nbytes
+            self._learn(slot, r, estimate)
+            self._notify()
+
+    def _learn(self, slot: Slot, r: Reservation, estimate: int) -> None:
+        learned = slot.learned
+        learned.run_seconds = 0.8 * learned.run_seconds + 0.2 * (time.monotonic() - r.started)
+        if r.peak is None or r.shared or estimate <= 0:
             return
-        ready = [s for s in self._slots.values() if s.state == "ready" and s is not keep]
-        pinned = sum(s.bytes for s in ready if s.pinned)
-        if needed > self.budget - pinned:
+        learned.peaks[r.bucket] = max(learned.peaks.get(r.bucket, 0), r.peak)
+        learned.ratio = max(learned.ratio or 0.0, r.peak / estimate)
+        metrics.ACTIVATION_RATIO.labels(slot.entry.id).set(r.peak / estimate)
+
+    def oom(self, entry: ModelEntry, r: Reservation | None) -> None:
+        """A run ran out of device memory: its size class needs more than was reserved."""
+        metrics.OOMS.labels(entry.id).inc()
+        event("oom", model=entry.id, reserved=r.nbytes if r else 0)
+        if r is not None and r.bucket:
+            learned = self._slot(entry).learned
+            learned.peaks[r.bucket] = max(learned.peaks.get(r.bucket, 0),
+                                          int(max(r.nbytes, 1) * 1.5))
+
+    async def _admit(self, slot: Slot, nbytes: int, deadline: float | None,
+                     hint: Callable[[float], str] | None) -> None:
+        while True:
+            self.refresh()
+            if nbytes <= self.free:
+                event("admit", model=slot.entry.id, bytes=nbytes, free=self.free)
+                return
+            limit = self.budget - slot.bytes - self._immovable_bytes(keep=slot)
+            if nbytes > limit:
+                metrics.REJECTED.labels(slot.entry.id, "too_large").inc()
+                event("reject", model=slot.entry.id, bytes=nbytes, largest=max(0, limit))
+                largest = max(0, limit)
+                raise TooLarge(slot.entry.id, nbytes, largest,
+                               hint(largest / nbytes) if hint else "")
+            plan = self._plan(nbytes - self.free, keep=slot)
+            if plan:
+                before = self.free
+                await self._execute(plan, reason="working memory")
+                if self.free > before:
+                    continue
+            await _until(self._changed.wait(), deadline,
+                         f"{slot.entry.id} is waiting for device memory", self._retry_after())
+
+    def _retry_after(self) -> float:
+        busy = [s.learned.run_seconds for s in self._slots.values() if s.running]
+        return max(busy, default=1.0)
+
+    # -- making room --------------------------------------------------------------------------
+
+    def _immovable_bytes(self, keep: Slot) -> int:
+        """Device bytes nothing can free: pinned models that cannot be demoted."""
+        return sum(s.bytes for s in self._slots.values() if s is not keep and s.pinned
+                   and s.occupies("device") and not self._demotable(s))
+
+    def _demotable(self, slot: Slot) -> bool:
+        return (self.host_budget > 0 and slot.model is not None
+                and slot.bytes <= self.host_budget - self._pinned_host_bytes()
+                and self._loader.movable(slot.model))
+
+    def _pinned_host_bytes(self) -> int:
+        return sum(s.bytes for s in self._slots.values() if s.pinned and s.occupies("host"))
+
+    async def _make_room(self, needed: int, keep: Slot) -> None:
+        """Free device bytes for a load, but only once it is certain the load can then fit: a
+        refused load must not cost anyone their warm model."""
+        self.refresh()
+        if needed <= self.free:
+            return
+        limit = self.budget - self._immovable_bytes(keep)
+        if needed > limit:
+            metrics.REJECTED.labels(keep.entry.id, "too_large").inc()
+            event("reject", model=keep.entry.id, bytes=needed, largest=max(0, limit))
             raise FieldError(
                 "model_id",
                 f"{keep.entry.id} needs about {needed >> 20} MiB, more than this runner can hold "
-                f"beside its warm models ({(self.budget - pinned) >> 20} MiB)",
-            )
-        idle = sorted((s for s in ready if s.users == 0 and not s.pinned),
-                      key=lambda s: s.last_used)
-        if needed > free + sum(s.bytes for s in idle):
+                f"beside its pinned models ({max(0, limit) >> 20} MiB)")
+        plan = self._plan(needed - self.free, keep)
+        if not plan:
             metrics.REJECTED.labels(keep.entry.id, "no_room").inc()
+            event("reject", model=keep.entry.id, bytes=needed, free=self.free, reason="busy")
             raise Unavailable(f"no room to load {keep.entry.id} while other models are busy; "
-                              "retry shortly", retry_after=5)
-        for victim in idle:
-            free += victim.bytes
-            self._evict(victim)
-            if needed <= free:
-                return
+                              "retry shortly", retry_after=math.ceil(self._retry_after()))
+        await self._execute(plan, reason=f"load {keep.entry.id}")
+        if needed > self.free:
+            raise Unavailable(f"could not free enough memory to load {keep.entry.id}; retry "
+                              "shortly", retry_after=math.ceil(self._retry_after()))
 
-    def evict_idle(self) -> None:
-        """Drop every idle, unpinned model (after an out-of-memory error)."""
-        for slot in [s for s in self._slots.values()
-                     if s.state == "ready" and s.users == 0 and not s.pinned]:
-            self._evict(slot)
-        self._loader.release()
+    def _plan(self, shortfall: int, keep: Slot) -> list[tuple[Slot, str]]:
+        """Idle device models to move out, and where to, freeing at least `shortfall` bytes at
+        the least reload cost per byte; pinned models only as a last resort, and only down to
+        the host tier. Empty when even all of them would not free enough."""
+        options = []
+        for s in self._slots.values():
+            if s is keep or s.tier != "device" or not s.idle:
+                continue
+            target = "host" if self._demotable(s) else "none"
+            if s.pinned and target == "none":
+                continue
+            cost = round(s.reload_seconds(target), 1) / max(s.bytes, 1)
+            options.append(((s.pinned, cost, s.last_used), s, target))
+        options.sort(key=lambda o: o[0])
+        plan, freed = [], 0
+        for _, slot, target in options:
+            if freed >= shortfall:
+                break
+            plan.append((slot, target))
+            freed += slot.bytes
+        return plan if freed >= shortfall else []
 
-    def _evict(self, slot: Slot) -> None:
-        log.info("evicting %s (%d MiB) to make room", slot.entry.id, slot.bytes >> 20)
-        metrics.CACHE_EVICTIONS.labels(slot.entry.id).inc()
+    async def _execute(self, plan: list[tuple[Slot, str]], reason: str) -> None:
+        """Run the moves of a plan; every victim is marked moving before the first await, so
+        two plans never pick the same model."""
+        moves = []
+        for slot, target in plan:
+            slot.target = target
+            slot.moving = asyncio.ensure_future(self._move_out(slot, target, reason))
+            moves.append(slot.moving)
+        await asyncio.gather(*moves)
+
+    async def _move_out(self, slot: Slot, target: str, reason: str) -> None:
+        started, before = time.monotonic(), self.memory.allocated()
+        freed = slot.bytes
         try:
-            self._loader.unload(slot.model)
-        except Exception:  # a daemon that is already gone has nothing left to free
+            if target == "host":
+                await self._make_host_room(slot.bytes)
+                await anyio.to_thread.run_sync(self._loader.move, slot.entry,
+                                             slot.model, "host")
+                slot.tier, slot.demotions = "host", slot.demotions + 1
+                metrics.CACHE_DEMOTIONS.labels(slot.entry.id).inc()
+            else:
+                await self._drop(slot)
+        except Exception:
+            # A pinned model stays where it is rather than being dropped.
+            log.warning("moving %s to %s failed", slot.entry.id, target, exc_info=True)
+            if not slot.pinned:
+                await self._drop(slot)
+        finally:
+            slot.target, slot.moving = None, None
+        await anyio.to_thread.run_sync(self._release)
+        seconds = time.monotonic() - started
+        metrics.EVICTION_SECONDS.labels(slot.tier).observe(seconds)
+        event("demote" if slot.tier == "host" else "evict", model=slot.entry.id, bytes=freed,
+              seconds=f"{seconds:.3f}", reason=reason.replace(" ", "_"))
+        self._verify_freed(slot, before, freed)
+        if slot.tier == "none" and slot.idle:
+            self._forget(slot)
+        self._notify()
+
+    async def _drop(self, slot: Slot) -> None:
+        model, slot.model = slot.model, None
+        slot.tier = "none"
+        metrics.CACHE_EVICTIONS.labels(slot.entry.id).inc()
+        try:  # a daemon that is already gone has nothing left to free
+            await anyio.to_thread.run_sync(self._loader.unload, model)
+        except Exception:
             log.warning("unloading %s failed", slot.entry.id, exc_info=True)
-        self._forget(slot)
+        del model
+
+    async def _make_host_room(self, needed: int) -> None:
+        """Drop idle host-tier models, least recently used first, until `needed` fits there."""
+        victims = sorted((s for s in self._slots.values()
+                          if s.tier == "host" and s.idle and not s.pinned),
+                         key=lambda s: s.last_used)
+        for victim in victims:
+            if self.host_budget - self.tier_bytes("host") >= needed:
+                return
+            victim.target, victim.moving = "none", asyncio.get_running_loop().create_future()
+            try:
+                await self._drop(victim)
+            finally:
+                victim.moving.set_result(None)
+                victim.target, victim.moving = None, None
+            event("evict", model=victim.entry.id, bytes=victim.bytes, tier="host")
+            self._forget(victim)
+        if self.host_budget - self.tier_bytes("host") < needed:
+            raise MemoryError("host tier full")
+
+    def _release(self) -> None:
         gc.collect()
         self._loader.release()
-        metrics.RESIDENT_BYTES.set(self.resident_bytes)
+
+    def _verify_freed(self, slot: Slot, before: int | None, expected: int) -> None:
+        """An unload that did not give its memory back leaves less for everyone: count the
+        shortfall against the budget until a later unload finds it returned."""
+        after = self.memory.allocated()
+        if before is None or after is None or self._loader.external(slot.model):
+            return
+        shortfall = max(0, expected - (before - after))
+        if shortfall > expected // 20:
+            self.leaked += shortfall
+            metrics.LEAKED_BYTES.inc(shortfall)
+            log.warning("cache event=leak model=%s expected=%d returned=%d", slot.entry.id,
+                        expected, before - after)
+        elif before - after > expected and self.leaked:
+            self.leaked = max(0, self.leaked - (before - after - expected))
+
+    async def evict_idle(self) -> None:
+        """Move every idle, unpinned model off the device (after an out-of-memory error)."""
+        plan = [(s, "host" if self._demotable(s) else "none") for s in self._slots.values()
+                if s.tier == "device" and s.idle and not s.pinned]
+        if plan:
+            await self._execute(plan, reason="out of memory")
+        await anyio.to_thread.run_sync(self._release)
+
+    async def rebalance(self) -> None:
+        """After others took device memory: move idle models out until the budget holds."""
+        self.refresh()
+        if self.free < 0 and (plan := self._plan(-self.free, keep=None)):
+            await self._execute(plan, reason="foreign memory")
+        elif self.free < 0:
+            log.warning("cache event=over_budget free=%d: busy models hold the rest", self.free)
+
+    async def _restore_pinned(self) -> None:
+        """Demoted pinned models come back when they fit without moving anything."""
+        try:
+            for slot in [s for s in self._slots.values() if s.pinned and s.tier == "host"]:
+                if slot.idle and slot.bytes <= self.free and not self._load_lock.locked():
+                    slot.moving = asyncio.ensure_future(self._bring(slot))
+                    await asyncio.shield(slot.moving)
+        except Exception:
+            log.warning("restoring a pinned model failed", exc_info=True)
+        finally:
+            self._restoring = None
+
+
+class TooLarge(FieldError):
+    """A run that could not fit even with every other model moved out: 422, with the module's
+    account of the largest request that would (`hint`) when it has one."""
+
+    def __init__(self, model_id: str, nbytes: int, largest: int, hint: str = ""):
+        super().__init__(
+            "model_id",
+            f"this request needs about {nbytes >> 20} MiB of working memory beside {model_id}; "
+            f"at most {largest >> 20} MiB fits on this device. "
+            + (hint or "Ask for a smaller size or fewer outputs."))
+        self.nbytes, self.largest = nbytes, largest
+
+
+async def _until(waitable: Any, deadline: float | None, what: str, retry_after: float) -> None:
+    """Await `waitable` until the request's deadline; past it the request gives up its place
+    with a 503 (whatever it waited on goes on for the others)."""
+    if deadline is None:
+        await waitable
+        return
+    remaining = deadline - time.monotonic()
+    try:
+        await asyncio.wait_for(waitable, max(0.0, remaining))
+    except TimeoutError:
+        raise Unavailable(f"{what}; the request's queue deadline passed",
+                          retry_after=max(1, math.ceil(retry_after))) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -44,3 +45,25 @@ def configure_for_tiny() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+def move_model(model: Any, target: Any) -> None:
+    """Move every torch module reachable from `model` to `target` in place (a diffusers
+    pipeline's components, a wrapper's model): the cache's demotion to CPU RAM and back."""
+    import torch
+
+    from runner.footprint import walk
+
+    for obj in walk(model):
+        if isinstance(obj, torch.nn.Module):
+            obj.to(target)
+
+
+def held_elsewhere(model: Any) -> bool:
+    """A model another process holds for us (an Ollama daemon's) reports `resident_bytes()`."""
+    return callable(getattr(model, "resident_bytes", None))
+
+
+def movable(model: Any) -> bool:
+    """In-process models can change tier; one a daemon holds cannot."""
+    return model is not None and not held_elsewhere(model)

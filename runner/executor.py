@@ -7,10 +7,11 @@ service times, instead of piling up until go-livepeer's timeouts fire.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -43,10 +44,15 @@ class Lane:
 
 
 class Executor:
-    def __init__(self, max_queue: int, threads: int = 8):
+    def __init__(self, max_queue: int, threads: int = 8, max_total: int | None = None):
         self.max_queue = max_queue
+        self.max_total = max_total
         self._lanes: dict[str, Lane] = {}
         self._threads = anyio.CapacityLimiter(threads)
+
+    @property
+    def pending(self) -> int:
+        return sum(lane.pending for lane in self._lanes.values())
 
     @asynccontextmanager
     async def admit(self, key: str, concurrency: int) -> AsyncIterator[Lane]:
@@ -55,6 +61,10 @@ class Executor:
             metrics.REJECTED.labels(key, "queue_full").inc()
             raise Unavailable(f"{key} has {lane.pending} requests queued; retry later",
                               retry_after=lane.retry_after())
+        if self.max_total is not None and self.pending >= self.max_total:
+            metrics.REJECTED.labels(key, "runner_full").inc()
+            raise Unavailable(f"this runner has {self.pending} requests in hand; retry later",
+                              retry_after=self._retry_after())
         lane.pending += 1
         metrics.QUEUE_DEPTH.labels(key).set(lane.pending)
         try:
@@ -63,32 +73,49 @@ class Executor:
             lane.pending -= 1
             metrics.QUEUE_DEPTH.labels(key).set(lane.pending)
 
-    async def run(self, lane: Lane, fn: Callable[..., T], *args: Any,
-                  on_oom: Callable[[], Any] | None = None) -> T:
-        """Run `fn` in a worker thread. A CUDA OOM calls `on_oom` (free memory, evict idle
-        models) and retries once; a second OOM, like any model failure, is a 500."""
-        queued = time.monotonic()
-        async with lane.limiter:
-            started = time.monotonic()
-            metrics.QUEUE_WAIT_SECONDS.labels(lane.key).observe(started - queued)
-            try:
-                return await self._call(fn, args, on_oom)
-            finally:
-                lane.record(time.monotonic() - started)
+    def _retry_after(self) -> int:
+        busy = [lane.retry_after() for lane in self._lanes.values() if lane.pending]
+        return min(busy, default=1)
 
-    async def run_async(self, lane: Lane, fn: Callable[..., Any], *args: Any) -> Any:
+    @asynccontextmanager
+    async def turn(self, lane: Lane, deadline: float | None = None) -> AsyncIterator[None]:
+        """The lane's permission to run, waited for until the request's deadline (then 503)."""
+        queued = time.monotonic()
+        timeout = math.inf if deadline is None else max(0.0, deadline - queued)
+        with anyio.move_on_after(timeout) as scope:
+            await lane.limiter.acquire()
+        if scope.cancelled_caught:
+            metrics.REJECTED.labels(lane.key, "deadline").inc()
+            raise Unavailable(f"{lane.key}: the request's queue deadline passed before its turn",
+                              retry_after=lane.retry_after())
+        started = time.monotonic()
+        metrics.QUEUE_WAIT_SECONDS.labels(lane.key).observe(started - queued)
+        try:
+            yield
+        finally:
+            lane.limiter.release()
+            lane.record(time.monotonic() - started)
+
+    async def run(self, lane: Lane, fn: Callable[..., T], *args: Any,
+                  on_oom: Callable[[], Awaitable[Any] | Any] | None = None,
+                  deadline: float | None = None) -> T:
+        async with self.turn(lane, deadline):
+            return await self.call(fn, *args, on_oom=on_oom)
+
+    async def run_async(self, lane: Lane, fn: Callable[..., Any], *args: Any,
+                        deadline: float | None = None) -> Any:
         """Await a coroutine pipeline (one that waits on a daemon rather than computing) under
         the same lane limits and error mapping."""
-        async with lane.limiter:
-            started = time.monotonic()
+        async with self.turn(lane, deadline):
             try:
                 return await fn(*args)
             except Exception as exc:
                 raise as_runner_error(exc) from exc
-            finally:
-                lane.record(time.monotonic() - started)
 
-    async def _call(self, fn: Callable[..., T], args: tuple, on_oom: Callable[[], Any] | None) -> T:
+    async def call(self, fn: Callable[..., T], *args: Any,
+                   on_oom: Callable[[], Awaitable[Any] | Any] | None = None) -> T:
+        """Run `fn` in a worker thread. A CUDA OOM awaits `on_oom` (free memory, evict idle
+        models) and retries once; a second OOM, like any model failure, is a 500."""
         try:
             return await anyio.to_thread.run_sync(fn, *args, limiter=self._threads)
         except RunnerError:
@@ -96,8 +123,9 @@ class Executor:
         except Exception as exc:
             if is_oom(exc) and on_oom is not None:
                 log.warning("out of memory; evicting idle models and retrying once")
-                on_oom()
-                return await self._call(fn, args, None)
+                if inspect.isawaitable(freed := on_oom()):
+                    await freed
+                return await self.call(fn, *args)
             raise as_inference_error(exc) from exc
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Iterator
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -69,36 +70,19 @@ def file_bytes(path: Path, float_bytes: int) -> int:
     return path.stat().st_size * float_bytes // 4
 
 
-def measure(model: Any) -> int:
-    """Bytes of the tensors reachable from `model` (a module's parameters and buffers, a
-    diffusers pipeline, or a plain object holding either), each tensor counted once. A model
-    held by another process (an Ollama daemon) reports its own `resident_bytes()`."""
+def walk(model: Any, depth: int = 4) -> Iterator[Any]:
+    """Every torch module and loose tensor reachable from `model` (a diffusers pipeline, a
+    transformers model, or a plain object holding them), each object once."""
     import torch
 
-    if callable(getattr(model, "resident_bytes", None)):
-        return int(model.resident_bytes())
+    seen: set[int] = set()
 
-    seen_objects: set[int] = set()
-    seen_tensors: set[int] = set()
-    total = 0
-
-    def count(t: Any) -> None:
-        nonlocal total
-        if t.data_ptr() not in seen_tensors:
-            seen_tensors.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-
-    def visit(obj: Any, depth: int) -> None:
-        nonlocal total
-        if depth > 4 or id(obj) in seen_objects or isinstance(obj, (str, bytes, int, float)):
+    def visit(obj: Any, level: int) -> Iterator[Any]:
+        if level > depth or id(obj) in seen or isinstance(obj, (str, bytes, int, float)):
             return
-        seen_objects.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            count(obj)
-            return
-        if isinstance(obj, torch.nn.Module):
-            for t in chain(obj.parameters(), obj.buffers()):
-                count(t)
+        seen.add(id(obj))
+        if isinstance(obj, (torch.Tensor, torch.nn.Module)):
+            yield obj
             return
         if isinstance(obj, dict):
             children = obj.values()
@@ -107,7 +91,27 @@ def measure(model: Any) -> int:
         else:
             children = getattr(obj, "__dict__", {}).values()
         for child in list(children):
-            visit(child, depth + 1)
+            yield from visit(child, level + 1)
 
-    visit(model, 0)
+    yield from visit(model, 0)
+
+
+def measure(model: Any) -> int:
+    """Bytes of the tensors reachable from `model`, each tensor counted once. A model held by
+    another process (an Ollama daemon) reports its own `resident_bytes()`."""
+    import torch
+
+    from runner.device import held_elsewhere
+
+    if held_elsewhere(model):
+        return int(model.resident_bytes())
+    seen: set[int] = set()
+    total = 0
+    for obj in walk(model):
+        tensors = chain(obj.parameters(), obj.buffers()) if isinstance(
+            obj, torch.nn.Module) else (obj,)
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
     return total

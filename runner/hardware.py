@@ -71,3 +71,11 @@ def gpu_stats() -> dict[str, dict[str, Any]]:
             "utilization_compute": int(util.gpu), "utilization_memory": int(util.memory),
         }
     return out
+
+
+def gpu_used(index: int = 0) -> int | None:
+    """Bytes in use on GPU `index` by every process, or None without NVML."""
+    for i, handle in _each_gpu():
+        if i == index:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+    return None

@@ -189,9 +189,7 @@ def status_router(service: Service, settings: Settings) -> APIRouter:
 
     @router.get("/models", operation_id="models", include_in_schema=False)
     async def models() -> dict:
-        return {"budget_bytes": service.cache.budget,
-                "resident_bytes": service.cache.resident_bytes,
-                "models": service.cache.describe()}
+        return {**service.cache.summary(), "models": service.cache.describe()}
 
     return router
 
@@ -233,7 +231,7 @@ def models_router(service: Service, settings: Settings) -> APIRouter:
     @router.post("/{model_id:path}/unload")
     async def unload(model_id: str, pipeline: str = "") -> dict:
         entry = entry_for(model_id, pipeline)
-        if not service.cache.unload(entry):
+        if not await service.cache.unload(entry):
             raise Unavailable(f"{entry.id} is serving requests; retry when they finish",
                               retry_after=1)
         return state(entry)

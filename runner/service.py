@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import time
@@ -22,6 +23,7 @@ from runner import footprint, hardware, media, metrics, safety
 from runner.cache import Loader, ModelCache
 from runner.executor import Executor, Lane, free_device_memory
 from runner.hub import ModelFiles
+from runner.memory import CudaMemory, HostMemory
 from runner.pipeline import with_defaults
 from runner.registry import ModelEntry, Registry
 from runner.settings import Settings
@@ -73,15 +75,18 @@ class Service:
         self.tiny = auto_tiny if settings.tiny is None else settings.tiny
         self.model_dir = Path(settings.tiny_dir if self.tiny else settings.model_dir)
         self.health = "LOADING"
+        self.memory = CudaMemory(self.device.index) if self.device.is_cuda else HostMemory()
         self.cache = ModelCache(
             Loader(load=self._load, estimate=self._estimate, measure=footprint.measure,
-                   release=free_device_memory, unload=unload_model),
-            budget=self._budget(),
+                   release=free_device_memory, unload=unload_model, move=self._move,
+                   movable=devices.movable, external=devices.held_elsewhere),
+            budget=self._budget(), host_budget=self._host_budget(), memory=self.memory,
         )
         # Enough worker threads for every lane to run at its limit at once, so one busy
         # pipeline cannot take the threads another pipeline's requests need.
         lanes = sum(e.max_concurrency for name in modules for e in registry.entries(name))
-        self.executor = Executor(settings.max_queue, threads=max(8, lanes + 1))
+        self.executor = Executor(settings.max_queue, threads=max(8, lanes + 1),
+                                 max_total=settings.max_queue_total)
 
     @property
     def mode(self) -> str:
@@ -106,6 +111,12 @@ class Service:
     def _load(self, entry: ModelEntry) -> Any:
         return self._module(entry).load(entry, self._files(entry), self.device)
 
+    def _move(self, entry: ModelEntry, model: Any, tier: str) -> None:
+        """Between the device and CPU RAM; a module may know better (a cache to drop)."""
+        target = self.device.torch if tier == "device" else "cpu"
+        own = getattr(self._module(entry), "move", None)
+        (own or devices.move_model)(model, target)
+
     def _build_tiny(self, entry: ModelEntry) -> None:
         """Tiny checkpoints are written once, when the entry's files are missing; the file lock
         keeps two processes sharing TINY_DIR from writing the same folder at once."""
@@ -128,6 +139,15 @@ class Service:
 
             total = psutil.virtual_memory().total
         return max(0, total - int(self.settings.vram_reserve))
+
+    def _host_budget(self) -> int:
+        if self.settings.host_budget is not None:
+            return int(self.settings.host_budget)
+        if not self.device.is_cuda:
+            return 0
+        import psutil
+
+        return psutil.virtual_memory().available // 2
 
     def _needs_safety(self) -> bool:
         return any("safety_check" in m.Request.model_fields for m in self.modules.values())
@@ -162,6 +182,7 @@ class Service:
             if self.settings.health_probe_seconds <= 0:
                 return
             await asyncio.sleep(self.settings.health_probe_seconds)
+            await self.cache.rebalance()
 
     async def _probe(self) -> None:
         try:
@@ -188,18 +209,20 @@ class Service:
         request = with_defaults(request, entry)
         timings = {} if timings is None else timings
         started = time.perf_counter()
+        timeout = self.settings.queue_timeout
+        deadline = time.monotonic() + timeout if timeout > 0 else None
         async with AsyncExitStack() as stack:
             lane = await stack.enter_async_context(
                 self.executor.admit(ModelCache.key(entry), entry.max_concurrency))
-            model = await stack.enter_async_context(self.cache.use(entry))
+            model = await stack.enter_async_context(self.cache.use(entry, deadline))
             checker = None
             if getattr(request, "safety_check", False):
                 checker = await stack.enter_async_context(
-                    self.cache.use(self.registry.safety_checker))
+                    self.cache.use(self.registry.safety_checker, deadline))
             timings["model"] = time.perf_counter() - started
             ctx = RunContext(entry, self.device, self._files(entry), self.settings, checker,
                              timings)
-            yield Session(lane, model, request, ctx)
+            yield Session(lane, model, request, ctx, deadline)
 
     async def generate(self, module: types.ModuleType, request: BaseModel,
                        timings: dict[str, float] | None = None) -> BaseModel:
@@ -207,14 +230,40 @@ class Service:
             with metrics.INFERENCE_SECONDS.labels(module.NAME, s.ctx.entry.id).time():
                 if inspect.iscoroutinefunction(module.run):  # waits on a daemon: no thread
                     return await self.executor.run_async(s.lane, module.run, s.model,
-                                                          s.request, s.ctx)
-                return await self.executor.run(s.lane, module.run, s.model, s.request, s.ctx,
-                                               on_oom=self.cache.evict_idle)
+                                                          s.request, s.ctx, deadline=s.deadline)
+                async with self.executor.turn(s.lane, s.deadline):
+                    return await self._run_in_memory(module, s)
 
-    @staticmethod
-    async def stream(module: types.ModuleType, s: Session) -> AsyncIterator[BaseModel]:
+    async def _run_in_memory(self, module: types.ModuleType, s: Session) -> BaseModel:
+        """Run with the working memory the request's size needs reserved on the device; the
+        peak it really used corrects the next estimate of that size."""
+        entry = s.ctx.entry
+        estimate = self.working_memory(module, entry, s.request)
+        hint = getattr(module, "largest_fitting", None)
+        async with self.cache.reserve(
+                entry, estimate, s.deadline,
+                hint=hint and functools.partial(hint, entry, s.request)) as reserved:
+            def run() -> BaseModel:
+                result, reserved.peak = self.memory.measured(module.run, s.model, s.request,
+                                                             s.ctx)
+                return result
+
+            async def on_oom() -> None:
+                self.cache.oom(entry, reserved)
+                await self.cache.evict_idle()
+
+            return await self.executor.call(run, on_oom=on_oom)
+
+    def working_memory(self, module: types.ModuleType, entry: ModelEntry,
+                       request: BaseModel) -> int:
+        """The module's estimate of a run's working memory at the serving precision."""
+        own = getattr(module, "working_memory", None)
+        float_bytes = 2 if self.device.is_cuda and entry.dtype != "float32" else 4
+        return int(own(entry, request, float_bytes)) if own is not None else 0
+
+    async def stream(self, module: types.ModuleType, s: Session) -> AsyncIterator[BaseModel]:
         """The module's chunks for an open session, holding the lane slot to the end."""
-        async with s.lane.limiter:
+        async with self.executor.turn(s.lane, s.deadline):
             async for chunk in module.stream(s.model, s.request, s.ctx):
                 yield chunk
 
@@ -232,3 +281,4 @@ class Session:
     model: Any
     request: BaseModel
     ctx: RunContext
+    deadline: float | None = None

@@ -44,7 +44,14 @@ class Settings(BaseSettings):
     vram_reserve: ByteSize = ByteSize(1 << 30)
     max_upload_bytes: ByteSize = ByteSize(50 * (1 << 20))
     max_image_pixels: int = 4096 * 4096
+    host_budget: ByteSize | None = Field(
+        None, description="CPU RAM for demoted models; unset = half the free RAM at start on a "
+        "GPU, 0 (no host tier) on CPU, where demoting frees nothing.")
     max_queue: int = Field(16, ge=0, description="Requests waiting per model before 503.")
+    max_queue_total: int = Field(64, ge=1, description="Requests in hand across all models.")
+    queue_timeout: float = Field(
+        120.0, description="Seconds a request may wait for its model, turn and memory; 0 = "
+        "no limit.")
     png_compress_level: int = Field(1, ge=0, le=9)
     health_probe_seconds: float = Field(
         5.0, description="How often warm models are re-checked after start-up; 0 = never.")

@@ -360,10 +360,12 @@ def test_describe_and_resident_bytes_use_measured_size():
         by_id = {d["id"]: d for d in cache.describe()}
         a = by_id["test/a"]
         assert set(a) == {"id", "pipeline", "state", "tier", "pinned", "in_flight",
-                          "estimated_bytes", "measured_bytes", "loads", "load_seconds"}
+                          "estimated_bytes", "measured_bytes", "running_bytes", "loads", "hits",
+                          "demotions", "load_seconds", "idle_seconds"}
         assert a == {**a, "id": "test/a", "pipeline": "p", "state": "ready", "tier": "device",
                      "pinned": True, "in_flight": 0, "estimated_bytes": 40,
-                     "measured_bytes": 30, "loads": 1}
+                     "measured_bytes": 30, "loads": 1, "hits": 0, "demotions": 0,
+                     "running_bytes": 0}
         assert isinstance(a["load_seconds"], float) and a["load_seconds"] >= 0
         assert by_id["test/b"]["pinned"] is False and by_id["test/b"]["in_flight"] == 0
         assert cache.resident_bytes == 30 + 25
@@ -406,7 +408,7 @@ def test_random_trace_keeps_invariants(seed):
         def check_held(when: str) -> None:
             for e, model in held:
                 slot = cache._slots.get(ModelCache.key(e))
-                if slot is None or slot.state != "ready" or slot.model is not model:
+                if slot is None or slot.tier != "device" or slot.model is not model:
                     violations.append(f"{when}: {e.id} evicted while in use")
 
         fake.on_release = lambda: check_held("release")
@@ -458,7 +460,7 @@ def test_evict_idle_keeps_pinned_and_in_use_models():
         await cache.pin(entry("pinned"))
         await touch(cache, entry("idle"))
         async with cache.use(entry("busy")):
-            cache.evict_idle()
+            await cache.evict_idle()
             assert ids(cache) == {"test/pinned", "test/busy"}
         assert fake.releases >= 1
 
