@@ -329,8 +329,10 @@ class ModelCache:
               bytes=slot.bytes, estimated=slot.estimated)
 
     def _forget(self, slot: Slot) -> None:
+        """A model out of memory leaves the listing, unless it is pinned or a request that
+        arrived meanwhile holds its slot."""
         slot.tier, slot.model = "none", None
-        if not slot.pinned and self._slots.get(self.key(slot.entry)) is slot:
+        if not slot.pinned and not slot.users and self._slots.get(self.key(slot.entry)) is slot:
             del self._slots[self.key(slot.entry)]
 
     # -- working memory -----------------------------------------------------------------------
@@ -497,7 +499,7 @@ class ModelCache:
         freed = slot.bytes
         try:
             if target == "host":
-                await self._make_host_room(slot.bytes)
+                await self._make_host_room(slot)
                 await anyio.to_thread.run_sync(self._loader.move, slot.entry,
                                              slot.model, "host")
                 slot.tier, slot.demotions = "host", slot.demotions + 1
@@ -531,13 +533,17 @@ class ModelCache:
             log.warning("unloading %s failed", slot.entry.id, exc_info=True)
         del model
 
-    async def _make_host_room(self, needed: int) -> None:
-        """Drop idle host-tier models, least recently used first, until `needed` fits there."""
+    async def _make_host_room(self, incoming: Slot) -> None:
+        """Drop idle host-tier models, least recently used first, until `incoming` (already
+        counted there while it moves) fits."""
+        def fits() -> bool:
+            return self.tier_bytes("host") <= self.host_budget
+
         victims = sorted((s for s in self._slots.values()
                           if s.tier == "host" and s.idle and not s.pinned),
                          key=lambda s: s.last_used)
         for victim in victims:
-            if self.host_budget - self.tier_bytes("host") >= needed:
+            if fits():
                 return
             victim.target, victim.moving = "none", asyncio.get_running_loop().create_future()
             try:
@@ -547,7 +553,7 @@ class ModelCache:
                 victim.target, victim.moving = None, None
             event("evict", model=victim.entry.id, bytes=victim.bytes, tier="host")
             self._forget(victim)
-        if self.host_budget - self.tier_bytes("host") < needed:
+        if not fits():
             raise MemoryError("host tier full")
 
     def _release(self) -> None:
