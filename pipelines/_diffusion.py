@@ -7,6 +7,7 @@ import json
 import math
 import random
 import re
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,6 +233,8 @@ def parse_loras(text: str) -> dict[str, float]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadRequest(f"loras is not valid JSON: {exc.msg}") from exc
+    except (ValueError, RecursionError) as exc:  # too deeply nested, or too many digits
+        raise BadRequest(f"loras is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise BadRequest('loras must be a JSON object like {"org/adapter": 1.0}')
     if len(value) > MAX_LORAS:
@@ -240,8 +243,8 @@ def parse_loras(text: str) -> dict[str, float]:
         if not is_repo_id(name):
             raise BadRequest(f"LoRA {name!r} is not a model id")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
-                or not math.isfinite(weight) or weight < 0:
-            raise BadRequest(f"LoRA weight for {name!r} must be a non-negative number")
+                or not 0 <= weight <= sys.float_info.max:  # NaN, inf and huge ints too
+            raise BadRequest(f"LoRA weight for {name!r} must be a finite non-negative number")
     return {name: float(weight) for name, weight in value.items()}
 
 

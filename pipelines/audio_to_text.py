@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from pipelines import _working_memory as wm
 from pipelines._fields import ModelId
 from runner.device import Device
 from runner.errors import BadRequest
@@ -131,7 +132,7 @@ def parse_metadata(text: str) -> Any:
         return None
     try:
         return json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # also: too deeply nested, too many digits
         raise BadRequest(f"metadata is not valid JSON: {exc}") from exc
 
 
@@ -246,3 +247,8 @@ def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
     with writing_snapshot(model_dir, entry.main.repo) as folder:
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
+
+
+def working_memory(entry: ModelEntry, request: Any, float_bytes: int) -> int:
+    """Whisper's working memory follows its fixed 30 s window, times the windows in a batch."""
+    return wm.fixed(384, float_bytes, int(entry.options.get("batch_size", DEFAULT_BATCH_SIZE)))

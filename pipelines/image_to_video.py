@@ -16,6 +16,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from pipelines import _diffusion as diffusion
+from pipelines import _working_memory as wm
 from pipelines._fields import ModelId, SafetyCheck, Seed, Steps
 from runner import safety
 from runner.device import Device
@@ -87,6 +88,13 @@ def run(model: diffusion.DiffusionModel, request: ImageToVideoParams, ctx) -> Vi
         if value % SIZE_MULTIPLE:
             raise BadRequest(f"{name} must be a multiple of {SIZE_MULTIPLE}, got {value}")
     image = decode_image(request.image.file.read(), ctx.settings.max_image_pixels)
+    if min(image.size) < 2:  # SVD's antialiased resize pads each side by a pixel
+        raise BadRequest(f"the image is {image.width}x{image.height} pixels; image-to-video "
+                         "needs at least 2 pixels on each side")
+    # The pipeline resizes the input in float32 on the CPU (a 4096x4096 upload, a few KB as
+    # PNG, took 1.6 GB): shrink a huge one first, aspect ratio kept, to 4x the frame's pixels
+    # (and at least 448x448, twice what the CLIP image encoder reads), never up.
+    image = diffusion.fit_image(image, 1, max(4 * request.width * request.height, 448 * 448))
     # 2. The input image is checked first: a flagged one makes every frame flagged, and
     #    under the black policy the video is not generated at all.
     _, (flagged,) = ctx.check_safety([image])
@@ -190,3 +198,15 @@ def tiny_svd_pipeline() -> Any:
 def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
     with writing_snapshot(model_dir, entry.main.repo) as folder:
         diffusion.save_pipeline(tiny_svd_pipeline(), folder)
+
+
+def working_memory(entry: ModelEntry, request: ImageToVideoParams, float_bytes: int) -> int:
+    frames = int(entry.options.get("num_frames") or 25)
+    chunk = int(entry.options.get("decode_chunk_size") or frames)
+    pixels = request.width * request.height
+    # SVD guides every frame (a batch of 2 x frames) and decodes `chunk` frames at a time.
+    return wm.diffusion(2 * frames, pixels // 64, min(chunk, frames) * pixels, float_bytes)
+
+
+def largest_fitting(entry: ModelEntry, request: ImageToVideoParams, fraction: float) -> str:
+    return wm.square_hint(request.width, request.height, fraction, "frames")

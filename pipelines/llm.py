@@ -71,6 +71,7 @@ DAEMON_WAIT_S = 30.0  # how long the first load waits for a daemon that is still
 CONNECT_TIMEOUT_S = 10.0
 HEALTH_TIMEOUT_S = 2.0
 STREAM_DRAIN_S = 30.0  # how long a closed stream waits for its generation thread to stop
+MIN_SAMPLING_TEMPERATURE = 1e-4  # below it, the transformers backend decodes greedily
 
 # Extra keyword arguments for the Ollama clients (httpx.Client / AsyncClient options). Tests put
 # a `transport` here to reach an in-process double; nothing else needs to touch it.
@@ -83,6 +84,15 @@ class LLMMessage(BaseModel):
     role: Literal["system", "user", "assistant"] = Field(
         description="Who wrote the message: system, user or assistant.")
     content: str = Field(description="The message text.")
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, value: str) -> str:
+        try:  # JSON can carry lone surrogates ("\ud800"), which no tokenizer takes
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("content must be Unicode text (it holds a lone surrogate)") from None
+        return value
 
 
 class LLMRequest(BaseModel):
@@ -539,7 +549,9 @@ class TransformersBackend(Backend):
 
     def sampling(self, request: LLMRequest, max_new_tokens: int) -> Any:
         config = copy.deepcopy(self.model.generation_config)
-        greedy = not request.temperature
+        # Near 0 sampling is greedy anyway, and logits / 1e-300 overflow to inf (NaN
+        # probabilities, a failed multinomial): such temperatures decode greedily.
+        greedy = (request.temperature or 0) < MIN_SAMPLING_TEMPERATURE
         config.update(
             max_new_tokens=max_new_tokens, do_sample=not greedy,
             temperature=1.0 if greedy else request.temperature,

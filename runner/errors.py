@@ -7,9 +7,10 @@ because the Go client decodes 422 bodies as `HTTPValidationError`.
 
 from __future__ import annotations
 
+import json
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -95,8 +96,14 @@ def _runner_error(_: Request, exc: RunnerError) -> JSONResponse:
     return JSONResponse(error_body(exc.msg), status_code=exc.status_code, headers=exc.headers)
 
 
-def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+    try:
+        return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+    except ValueError:  # an input JSON cannot echo (NaN, a lone surrogate, non-UTF-8 bytes)
+        detail = [{k: v for k, v in item.items() if k not in ("input", "ctx")}
+                  for item in exc.errors()]
+        return Response(json.dumps({"detail": jsonable_encoder(detail)}, ensure_ascii=True),
+                        status_code=422, media_type="application/json")
 
 
 def _http_error(_: Request, exc: HTTPException) -> JSONResponse:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -48,8 +49,13 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             return ImageOps.exif_transpose(image).convert("RGB")
     except BadRequest:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning,
-            OSError, ValueError, SyntaxError) as exc:
+    except UnidentifiedImageError as exc:  # its message names a BytesIO object: say it plainly
+        raise BadRequest("the uploaded image could not be decoded: not an image format this "
+                         "runner reads (PNG, JPEG, WebP, GIF, BMP, TIFF, ...)") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadRequest(f"the uploaded image is outside the limit of {max_pixels} pixels: "
+                         f"{exc}") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         raise BadRequest(f"the uploaded image could not be decoded: {exc}") from exc
 
 
@@ -70,7 +76,9 @@ def decode_audio(data: bytes, rate: int = 16_000, max_seconds: float | None = No
             if stream is None:
                 raise UnsupportedMedia("the uploaded file has no audio stream")
             resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-            for frame in [*container.decode(stream), None]:  # None flushes the resampler
+            # One frame at a time (a list would decode the whole file before the length
+            # check); the final None flushes the resampler.
+            for frame in itertools.chain(container.decode(stream), [None]):
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray().reshape(-1))
                     total += chunks[-1].size

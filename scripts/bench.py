@@ -1,96 +1,370 @@
-"""Benchmark a pipeline through the real HTTP path: start-up, warm-up load, a cold request for
-another model, then N warm requests, with per-stage times (from the Server-Timing header),
-peak process memory and, on CUDA, peak GPU memory. Prints the settings it ran with.
+"""Benchmark pipelines through the real HTTP path: start-up (imports, warm models loaded), a
+cold load of another model through the cache, a first request, then N steady-state requests,
+with per-stage times (the Server-Timing header), load times, peak process memory and, on CUDA,
+peak GPU memory, and the settings it ran with; printed as Markdown tables, and as JSON with
+--json.
 
-    python scripts/bench.py                                    # tiny mode on CPU, 64x64
-    python scripts/bench.py --size 1024 --requests 10          # on a GPU with /models
-    python scripts/bench.py --model ByteDance/SDXL-Lightning-4step --images 2
+Models come from the environment as the runner reads it (`DEVICE`, `TINY`, `MODEL_DIR`): on a
+machine without a GPU that is the CPU tiny mode, a fast smoke. --full-size (GPU) builds each
+default model's published architecture with random weights (no download) and serves those;
+--naive then also runs the plain diffusers/transformers path on the same weights.
+
+    python scripts/bench.py                                       # tiny, text-to-image, CPU
+    python scripts/bench.py --pipeline all --json bench.json      # every pipeline served here
+    python scripts/bench.py --size 1024 --requests 10             # a GPU with /models
+    python scripts/bench.py --full-size --pipeline all --naive    # a GPU, no weights needed
+    .venv-tts/bin/python scripts/bench.py --pipeline text-to-speech
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import gc
 import os
+import platform
 import resource
-import statistics
+import shlex
+import shutil
+import sys
+import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from _common import ROOT  # noqa: E402,F401  (puts the repo on sys.path)
 
+import bench_inputs  # noqa: E402
+import bench_report  # noqa: E402
+from bench_inputs import Options  # noqa: E402
+
+DATE = "2026-11-21"
+TOO_SLOW = ("--full-size builds and serves the real architectures (SDXL's UNet alone has 2.6 B "
+            "parameters): on a CPU that takes many minutes per request. Run it on a GPU, or "
+            "pass --force to run it here anyway.")
+NO_FULL_SIZE = {"llm": "Llama-3.1-8B is served by Ollama in production; not built here"}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 2)[2])
+    parser.add_argument("--pipeline", default="text-to-image",
+                        help="a pipeline, a comma list, or all (those served here)")
+    parser.add_argument("--model", default="", help="model_id for the timed requests")
+    parser.add_argument("--cold-model", default="auto",
+                        help="another model timed once as a cold load through the cache; "
+                        "auto: stabilityai/sd-turbo for text-to-image (not with --full-size); "
+                        "'' for none")
+    parser.add_argument("--requests", type=int, default=5, help="steady-state requests")
+    parser.add_argument("--size", type=int, default=None,
+                        help="image side (of the input image for image inputs); default: 64 "
+                        "in tiny mode, the model's own size otherwise")
+    parser.add_argument("--images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="num_inference_steps; default: the model's own (models.yaml)")
+    parser.add_argument("--audio-seconds", type=float, default=None,
+                        help="audio-to-text input length; default 2 (tiny) or 60 s")
+    parser.add_argument("--max-tokens", type=int, default=None, help="llm answer length")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    parser.add_argument("--full-size", action="store_true",
+                        help="serve full-size random-weight models built from the published "
+                        "configs (GPU; no download)")
+    parser.add_argument("--weights-dir", type=Path, default=None,
+                        help="--full-size: keep the built weights here (and reuse them); "
+                        "default: a temporary folder, deleted after each pipeline")
+    parser.add_argument("--naive", action="store_true",
+                        help="also time the plain library path on the same weights")
+    parser.add_argument("--force", action="store_true", help="--full-size on a CPU anyway")
+    return parser.parse_args(argv)
+
+
+# -- one pipeline through the HTTP path ------------------------------------------------------
+
+def cuda_in_use(service: Any) -> bool:
+    return service.device.is_cuda
+
+
+def cuda_peak_mib() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def timed(client: Any, call: bench_inputs.Call, cuda: bool) -> dict:
+    """One request: status, wall time through the app, its Server-Timing stages (ms) and, on
+    CUDA, the peak allocated while it ran (the runner resets the peak at each run)."""
+    started = time.perf_counter()
+    response = call.send(client)
+    record = {"status": response.status_code,
+              "http_ms": (time.perf_counter() - started) * 1000,
+              "stages": stages(response.headers.get("server-timing", ""))}
+    if response.status_code != 200:
+        record["error"] = response.text[:300]
+    if cuda:
+        record["peak_cuda_mib"] = cuda_peak_mib()
+    return record
+
 
 def stages(header: str) -> dict[str, float]:
-    return {k.strip(): float(v) for k, v in (p.split(";dur=") for p in header.split(","))}
+    return {name.strip(): float(ms) for name, ms in
+            (part.split(";dur=") for part in header.split(",") if ";dur=" in part)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pipeline", default="text-to-image")
-    parser.add_argument("--model", default="", help="model_id for the timed requests")
-    parser.add_argument("--cold-model", default="stabilityai/sd-turbo",
-                        help="another model, timed once as a cold load through the cache")
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--images", type=int, default=1)
-    parser.add_argument("--requests", type=int, default=5)
-    args = parser.parse_args()
+def wait_ready(client: Any, timeout: float = 3600) -> str:
+    deadline = time.monotonic() + timeout
+    while (status := client.get("/health").json()["status"]) == "LOADING":
+        if time.monotonic() > deadline:
+            return "TIMEOUT"
+        time.sleep(0.02)
+    return status
 
+
+@dataclass
+class Plan:
+    """What to run for one pipeline."""
+
+    pipeline: str
+    options: Options
+    cold_model: str
+    requests: int
+    settings: dict
+
+
+def serve_and_time(plan: Plan) -> dict:
+    """Start the app, wait for its warm models, then the cold, first and steady requests."""
     from fastapi.testclient import TestClient
 
     from runner.app import create_app
     from runner.settings import Settings
 
-    settings = Settings(pipeline=args.pipeline)
-    t0 = time.perf_counter()
-    app = create_app(settings)
+    started = time.perf_counter()
+    app = create_app(Settings(pipeline=plan.pipeline, health_probe_seconds=0, **plan.settings))
     service = app.state.service
-    if service.tiny:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-    body = {"prompt": "a photo of a cat on a sofa", "width": args.size, "height": args.size,
-            "num_images_per_prompt": args.images, "seed": 1, "model_id": args.model}
-    rows = []
-    with TestClient(app) as client:
-        while client.get("/health").json()["status"] == "LOADING":
-            time.sleep(0.02)
-        warm_s = time.perf_counter() - t0
-        if args.cold_model:
-            r = client.post(f"/{args.pipeline}", json={**body, "model_id": args.cold_model})
-            rows.append(("cold " + args.cold_model, r.status_code, stages(
-                r.headers.get("server-timing", "total;dur=0"))))
-        for i in range(args.requests):
-            started = time.perf_counter()
-            r = client.post(f"/{args.pipeline}", json=body)
-            timing = stages(r.headers.get("server-timing", "model;dur=0"))
-            timing["http_total"] = (time.perf_counter() - started) * 1000
-            rows.append((f"warm #{i + 1}", r.status_code, timing))
-        models = client.get("/models").json()
+    entry = service.registry.resolve(plan.pipeline, plan.options.model)
+    cuda = cuda_in_use(service)
+    run: dict[str, Any] = {"pipeline": plan.pipeline, "model": entry.id, "mode": service.mode,
+                           "device": service.device.type,
+                           "dtype": str(service.device.dtype(entry.dtype)).replace("torch.", ""),
+                           "settings": settings_of(plan)}
+    with TestClient(app, raise_server_exceptions=False) as client:
+        status = wait_ready(client)
+        run["startup_s"] = time.perf_counter() - started
+        if status != "OK":
+            return {**run, "error": f"warm-up ended with /health {status} (see the log)"}
+        if cuda:
+            run["peak_cuda_load_mib"] = cuda_peak_mib()
+        if plan.cold_model:
+            cold = bench_inputs.request(plan.pipeline, Options(**{**vars(plan.options),
+                                                                   "model": plan.cold_model}))
+            run["cold_model"], run["cold"] = plan.cold_model, timed(client, cold, cuda)
+        calls = [bench_inputs.request(plan.pipeline, plan.options, i)
+                 for i in range(plan.requests + 1)]
+        records = [timed(client, call, cuda) for call in calls]
+        described = client.get("/models").json()["models"]
+    for record in [run.get("cold"), *records]:
+        if record and record["status"] != 200:
+            log(f"[{plan.pipeline}] HTTP {record['status']}: {record['error']}")
+            break
+    run["first"], run["requests"] = records[0], records[1:]
+    run["steady"] = bench_report.steady_summary(records[1:])
+    run["loads"] = [{"id": m["id"], "load_seconds": m["load_seconds"],
+                     "estimated_mib": m["estimated_bytes"] / 2**20,
+                     "measured_mib": (m["measured_bytes"] or 0) / 2**20} for m in described]
+    run["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if cuda:
+        run["peak_cuda_mib"] = max([r.get("peak_cuda_mib", 0.0) for r in records] or [0.0])
+    run["model_dir"] = str(service.model_dir)
+    return run
 
-    print("settings:", json.dumps({"mode": service.mode, "device": service.device.type,
-                                   "pipeline": args.pipeline, "model": args.model or "default",
-                                   "size": args.size, "images": args.images,
-                                   "requests": args.requests,
-                                   "threads": os.environ.get("OMP_NUM_THREADS", "default")}))
-    print(f"start-up to health OK (imports + warm model + safety checker): {warm_s:.2f}s")
-    for m in models["models"]:
-        print(f"  loaded {m['id']:<45} {m['load_seconds']:7.2f}s  "
-              f"est {m['estimated_bytes'] / 2**20:8.1f} MiB  "
-              f"measured {(m['measured_bytes'] or 0) / 2**20:8.1f} MiB")
-    print("per request (ms):")
-    for name, status, timing in rows:
-        print(f"  {name:<40} {status}  " + "  ".join(f"{k}={v:.1f}" for k, v in timing.items()))
-    warm = [t["http_total"] for _, s, t in rows if "http_total" in t and s == 200]
-    if warm:
-        print(f"warm http_total: median {statistics.median(warm):.1f} ms, "
-              f"min {min(warm):.1f} ms, max {max(warm):.1f} ms")
-    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-    if service.device.is_cuda:
-        import torch
 
-        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+IMAGE_INPUTS = ("image-to-image", "image-to-video", "upscale", "image-to-text",
+                "segment-anything-2")
+DIFFUSION = ("text-to-image", "image-to-image", "image-to-video", "upscale")
+
+
+def settings_of(plan: Plan) -> dict:
+    """The request settings that apply to this pipeline (None: the model's default)."""
+    o, p = plan.options, plan.pipeline
+    values: dict[str, Any] = {"requests": plan.requests}
+    if p in DIFFUSION or p in IMAGE_INPUTS:
+        values["size"] = o.size or "model default"
+    if p in ("text-to-image", "image-to-image"):
+        values["images"] = o.images
+    if p in DIFFUSION:
+        values["steps"] = o.steps or "model default"
+    if p == "audio-to-text":
+        values["audio_seconds"] = o.audio_seconds
+    if p == "llm":
+        values["max_tokens"] = o.max_tokens
+    return values
+
+
+def release_memory() -> None:
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+# -- the naive baseline ----------------------------------------------------------------------
+
+def naive(run: dict, plan: Plan, requests: int) -> dict:
+    import bench_naive
+
+    from runner.hub import ModelFiles
+    from runner.registry import Registry
+    from runner.settings import Settings
+
+    entry = Registry.load(Settings().models_file).resolve(plan.pipeline, plan.options.model)
+    folder = ModelFiles(Path(run["model_dir"])).folder(entry.main.repo, entry.main.revision)
+    context = bench_naive.Context(
+        plan.pipeline, entry, folder, run["device"], plan.options,
+        lambda i: bench_inputs.request(plan.pipeline, plan.options, i))
+    return bench_naive.measure(context, requests)
+
+
+def with_naive(run: dict, plan: Plan) -> dict:
+    release_memory()
+    if run["mode"] == "tiny":
+        from runner.device import configure_for_tiny
+
+        configure_for_tiny()  # the runner's tiny mode runs one torch thread: so does naive
+    log(f"[{plan.pipeline}] naive baseline on the same weights ...")
+    result = naive(run, plan, plan.requests)
+    run["naive"] = result
+    runner_ms = (run["steady"]["http_ms"] or {}).get("median")
+    if "error" not in result and result["steady_ms"] and runner_ms:
+        run["naive_ratio"] = bench_report.summarize(result["steady_ms"])["median"] / runner_ms
+    release_memory()
+    return run
+
+
+# -- full-size weights -----------------------------------------------------------------------
+
+def full_size_settings(pipeline: str, options: Options, cold_model: str, weights: Path,
+                       device: str) -> dict:
+    """Build the full-size checkpoints this pipeline's run needs into `weights`; the runner
+    settings that serve them."""
+    import bench_fullsize
+
+    from runner.pipeline import discover
+    from runner.registry import Registry
+    from runner.settings import Settings
+
+    registry = Registry.load(Settings().models_file)
+    entries = [registry.resolve(pipeline, options.model)]
+    if cold_model:
+        entries.append(registry.resolve(pipeline, cold_model))
+    if "safety_check" in discover()[pipeline].Request.model_fields:
+        entries.append(registry.safety_checker)
+    for entry in entries:
+        log(f"[{pipeline}] building a full-size random-weight {entry.kind} for {entry.id} ...")
+        seconds = bench_fullsize.build(entry, weights, device)
+        log(f"[{pipeline}]   " + ("reused" if seconds is None else f"built in {seconds:.1f}s"))
+    return {"device": device, "tiny": False, "model_dir": weights}
+
+
+# -- the whole run ---------------------------------------------------------------------------
+
+def pipelines_to_run(spec: str) -> list[str]:
+    from runner.pipeline import discover
+
+    served = sorted(discover())
+    if spec == "all":
+        return served
+    return [name.strip() for name in spec.split(",") if name.strip()]
+
+
+def environment(mode: str) -> dict:
+    import torch
+
+    env = {"torch": torch.__version__, "mode": mode, "threads": torch.get_num_threads(),
+           "python": platform.python_version()}
+    if torch.cuda.is_available():
+        env["device"] = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    else:
+        env["device"] = f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+    for name in ("diffusers", "transformers"):
+        try:
+            env[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return env
+
+
+def bench_one(pipeline: str, args: argparse.Namespace, weights: Path | None,
+              device: str) -> dict:
+    full = args.full_size
+    options = bench_inputs.defaults(
+        Options(size=args.size, images=args.images, steps=args.steps,
+                audio_seconds=args.audio_seconds, max_tokens=args.max_tokens,
+                model=args.model), pipeline, full)
+    cold = args.cold_model
+    if cold == "auto":
+        cold = "stabilityai/sd-turbo" if pipeline == "text-to-image" and not full else ""
+    settings: dict = {}
+    try:
+        if full:
+            if pipeline in NO_FULL_SIZE:
+                return {"pipeline": pipeline, "error": NO_FULL_SIZE[pipeline]}
+            settings = full_size_settings(pipeline, options, cold, weights, device)
+        plan = Plan(pipeline, options, cold, args.requests, settings)
+        log(f"[{pipeline}] serving ({'full-size' if full else 'environment'} models) ...")
+        run = serve_and_time(plan)
+    except (ValueError, KeyError, SystemExit) as exc:  # not servable or not buildable here
+        return {"pipeline": pipeline, "error": str(exc)}
+    release_memory()
+    if args.naive and "error" not in run:
+        run = with_naive(run, plan)
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if args.full_size and not cuda and not args.force:
+        print(f"error: {TOO_SLOW}", file=sys.stderr)
+        return 2
+    device = "cuda" if cuda else "cpu"
+    report: dict[str, Any] = {
+        "date": DATE, "command": shlex.join(["python", "scripts/bench.py", *sys.argv[1:]]),
+        "runs": []}
+    for pipeline in pipelines_to_run(args.pipeline):
+        weights = args.weights_dir
+        temporary = args.full_size and weights is None
+        if temporary:
+            weights = Path(tempfile.mkdtemp(prefix="bench-full-size-"))
+        try:
+            report["runs"].append(bench_one(pipeline, args, weights, device))
+        finally:
+            if temporary:
+                shutil.rmtree(weights, ignore_errors=True)
+    modes = sorted({run.get("mode", "?") for run in report["runs"]})
+    report["environment"] = environment("full-size" if args.full_size else ", ".join(modes))
+    print(bench_report.render(report))
+    if args.json:
+        bench_report.write_json(report, args.json)
+        log(f"wrote {args.json}")
+    failed = [r["pipeline"] for r in report["runs"]
+              if "error" in r or r["first"]["status"] != 200 or r["steady"]["failed"]]
+    if failed:
+        log(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
