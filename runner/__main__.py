@@ -2,8 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
+
+import uvicorn
+
+
+class Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM after a graceful shutdown, so the process dies by the signal;
+    container orchestrators read that as a crash. Here a graceful shutdown exits 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def main() -> None:
@@ -21,13 +45,14 @@ def main() -> None:
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     settings.log_optimisation_flags()
 
-    import uvicorn
-
     from runner.app import create_app
 
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=30)
+    # On SIGTERM: stop accepting, let in-flight requests finish within the grace period, then
+    # the lifespan unloads every model.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=settings.shutdown_grace_seconds)
+    Server(config).run()
 
 
 if __name__ == "__main__":

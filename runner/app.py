@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None,
         warm_up = asyncio.create_task(service.warm_up())
         yield
         warm_up.cancel()
+        await service.close()
 
     app = FastAPI(title="Livepeer AI Runner", description="An application to run AI pipelines",
                   version=__version__, lifespan=lifespan)

@@ -583,6 +583,15 @@ class ModelCache:
             await self._execute(plan, reason="out of memory")
         await anyio.to_thread.run_sync(self._release)
 
+    async def close(self) -> None:
+        """Drop every idle model, pinned or not (the process is shutting down)."""
+        for slot in self._slots.values():
+            slot.pinned = False
+        plan = [(s, "none") for s in self._slots.values() if s.tier != "none" and s.idle]
+        if plan:
+            await self._execute(plan, reason="shutdown")
+        log.info("cache event=closed models=%d", len(plan))
+
     async def rebalance(self) -> None:
         """After others took device memory: move idle models out until the budget holds."""
         self.refresh()

@@ -199,6 +199,11 @@ class Service:
             log.error("a warm model's backend is unhealthy; /health reports ERROR")
         self.health = "OK" if healthy else "ERROR"
 
+    async def close(self) -> None:
+        """At shutdown, after in-flight requests: give every model's memory back (a daemon's
+        too, which would otherwise keep it after this process is gone)."""
+        await self.cache.close()
+
     @asynccontextmanager
     async def session(self, module: types.ModuleType, request: BaseModel,
                       timings: dict[str, float] | None = None) -> AsyncIterator[Session]:

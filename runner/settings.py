@@ -53,6 +53,8 @@ class Settings(BaseSettings):
         120.0, description="Seconds a request may wait for its model, turn and memory; 0 = "
         "no limit.")
     png_compress_level: int = Field(1, ge=0, le=9)
+    shutdown_grace_seconds: int = Field(
+        30, ge=0, description="On SIGTERM, how long in-flight requests may take to finish.")
     health_probe_seconds: float = Field(
         5.0, description="How often warm models are re-checked after start-up; 0 = never.")
 

@@ -19,6 +19,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Runner(tuple):
+    """(url, log), and the process for tests that signal it."""
+
+    def __new__(cls, url, log, proc):
+        runner = super().__new__(cls, (url, log))
+        runner.proc = proc
+        return runner
+
+
 @pytest.fixture
 def runner_process(tmp_path, request):
     port = free_port()
@@ -31,11 +40,13 @@ def runner_process(tmp_path, request):
     log = open(tmp_path / "runner.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "runner"], env=env, stdout=log,
                             stderr=subprocess.STDOUT)
-    yield f"http://127.0.0.1:{port}", log
+    yield Runner(f"http://127.0.0.1:{port}", log, proc)
     proc.terminate()
-    proc.wait(timeout=30)
+    # SIGTERM shuts down in order, unloads the models and exits 0 (not by the signal).
+    assert proc.wait(timeout=30) == 0
     log.seek(0)
-    assert "Application shutdown complete" in log.read()  # SIGTERM shuts down in order
+    text = log.read()
+    assert "Application shutdown complete" in text and "cache event=closed" in text
     log.close()
 
 
@@ -62,6 +73,31 @@ def test_python_m_runner_serves_tiny_text_to_image(runner_process):
     text = log.read()
     assert "optimisation flag SFAST=true accepted but not implemented" in text
     assert "tiny mode" in text
+
+
+def test_sigterm_lets_the_request_in_flight_finish(runner_process):
+    """The fixture sends SIGTERM while a slow request runs; the request still gets its image,
+    and the fixture checks the exit code 0 and the unload."""
+    import signal
+    import threading
+
+    url, log = runner_process
+    first_answer(url, time.monotonic() + 60)
+    with httpx.Client(base_url=url, timeout=60) as http:
+        assert wait_ready(http) == "OK"
+        result = {}
+        slow = threading.Thread(target=lambda: result.setdefault("r", http.post(
+            "/text-to-image", json={"prompt": "a cat", "width": 512, "height": 512,
+                                    "num_inference_steps": 12})))
+        slow.start()
+        deadline = time.monotonic() + 30
+        busy = 'runner_queue_depth{model="text-to-image:SG161222/RealVisXL_V4.0_Lightning"} 1.0'
+        while busy not in http.get("/metrics/").text:
+            assert time.monotonic() < deadline, "the slow request never started"
+            time.sleep(0.02)
+        runner_process.proc.send_signal(signal.SIGTERM)
+        slow.join(60)
+    assert result["r"].status_code == 200, result["r"].text
 
 
 @pytest.mark.parametrize("runner_process", [
