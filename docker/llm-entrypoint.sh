@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The llm image's entrypoint: the Ollama daemon and the runner (or any command given, e.g.
+# `python scripts/download_models.py --pipeline llm`) side by side in one container.
+#   1. start `ollama serve` (it binds OLLAMA_HOST, loopback: only the runner's port is published)
+#   2. wait until it answers (OLLAMA_START_TIMEOUT seconds, default 60), else exit 1
+#   3. run the command; when either process exits, stop the other and exit, so Docker's (or
+#      go-livepeer's) restart policy brings the pair back: the command's status when it ended
+#      first, a failure when the daemon died under it.
+set -uo pipefail
+
+: "${OLLAMA_HOST:=http://127.0.0.1:11434}"
+export OLLAMA_HOST
+case "$OLLAMA_HOST" in
+  *://*) url="$OLLAMA_HOST" ;;
+  *) url="http://$OLLAMA_HOST" ;;
+esac
+
+if [ -n "${OLLAMA_MODELS:-}" ] && ! mkdir -p "$OLLAMA_MODELS" 2>/dev/null; then
+  echo "llm-entrypoint: cannot create OLLAMA_MODELS=$OLLAMA_MODELS as uid $(id -u);" \
+       "make it writable (e.g. chown $(id -u) on the host folder)" >&2
+  exit 1
+fi
+
+stopping=""
+command_pid=""
+stop() {
+  stopping=1
+  kill -TERM "$ollama_pid" ${command_pid:+"$command_pid"} 2>/dev/null
+}
+trap stop TERM INT
+
+ollama serve &
+ollama_pid=$!
+
+deadline=$((SECONDS + ${OLLAMA_START_TIMEOUT:-60}))
+until curl -fsS --max-time 2 "$url/api/version" >/dev/null 2>&1; do
+  if [ -n "$stopping" ]; then wait; exit 143; fi
+  if ! kill -0 "$ollama_pid" 2>/dev/null; then
+    echo "llm-entrypoint: ollama serve exited during start-up" >&2
+    exit 1
+  fi
+  if [ "$SECONDS" -ge "$deadline" ]; then
+    echo "llm-entrypoint: ollama did not answer at $url within ${OLLAMA_START_TIMEOUT:-60}s" >&2
+    kill -TERM "$ollama_pid" 2>/dev/null
+    wait
+    exit 1
+  fi
+  sleep 0.5
+done
+
+"$@" &
+command_pid=$!
+
+# `wait -n` also returns when a trapped signal arrives: wait again until a child has exited.
+while :; do
+  wait -n -p exited "$ollama_pid" "$command_pid"
+  status=$?
+  if [ -n "${exited:-}" ] || [ -n "$stopping" ]; then break; fi
+done
+
+if [ -n "$stopping" ]; then
+  stop
+  wait
+  exit 143
+fi
+if [ "$exited" = "$ollama_pid" ]; then
+  echo "llm-entrypoint: ollama serve exited (status $status); stopping $1" >&2
+  kill -TERM "$command_pid" 2>/dev/null
+  wait
+  exit $((status == 0 ? 1 : status))
+fi
+echo "llm-entrypoint: $1 exited (status $status); stopping ollama serve" >&2
+kill -TERM "$ollama_pid" 2>/dev/null
+wait
+exit "$status"

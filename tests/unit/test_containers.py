@@ -1,0 +1,612 @@
+"""The container set-up against the code, without a Docker engine: docker/Dockerfile (its
+targets read as the images they build), docker-bake.hcl, compose.yaml, the go-livepeer examples
+in docs/examples, and the llm image's entrypoint (run against a fake Ollama daemon)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tomllib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+import runner
+from runner.pipeline import discover
+from runner.registry import Registry
+from runner.settings import OPTIMISATION_FLAGS, REPO_ROOT, Settings
+
+
+def load(path: Path):
+    """A docker/ helper script as a module (docker/ is no package and stays off sys.path)."""
+    spec = importlib.util.spec_from_file_location(f"docker_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+check_image = load(REPO_ROOT / "docker" / "check_image.py")
+image_requirements = load(REPO_ROOT / "docker" / "requirements.py")
+
+DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
+BAKE = REPO_ROOT / "docker-bake.hcl"
+COMPOSE = REPO_ROOT / "compose.yaml"
+EXAMPLES = REPO_ROOT / "docs" / "examples"
+REGISTRY = Registry.load(REPO_ROOT / "models.yaml")
+MODULES = discover(installed_only=False)
+PORT = Settings.model_fields["port"].default
+SETTINGS_ENV = {name.upper() for name in Settings.model_fields}
+# Variables the images set for software other than the runner (Python, pip, the hub, Ollama).
+THIRD_PARTY_ENV = {"PATH", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONUNBUFFERED",
+                   "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK",
+                   "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
+                   "OLLAMA_MODELS", "OLLAMA_NUM_PARALLEL"}
+# The fields of go-livepeer's aiModels.json entries (core.AIModelConfig).
+AI_MODEL_FIELDS = {"pipeline", "model_id", "url", "token", "warm", "capacity",
+                   "optimization_flags", "gateway", "price_per_unit", "pixels_per_unit",
+                   "currency"}
+
+
+def env_read_by_code() -> set[str]:
+    """Environment variables runner/ and pipelines/ read directly (os.environ)."""
+    names = set()
+    for path in [*REPO_ROOT.glob("runner/*.py"), *REPO_ROOT.glob("pipelines/*.py")]:
+        names |= set(re.findall(r"environ(?:\.get\(|\[|\.setdefault\()\s*[\"']([A-Z0-9_]+)[\"']",
+                                path.read_text()))
+    return names
+
+
+KNOWN_ENV = SETTINGS_ENV | env_read_by_code() | set(OPTIMISATION_FLAGS) | THIRD_PARTY_ENV
+
+
+# -- a Dockerfile reader -------------------------------------------------------------------------
+
+@dataclass
+class Stage:
+    name: str
+    parent: str  # the FROM image or stage
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    lines, current = [], ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not current and (not line or line.startswith("#")):
+            continue
+        if current and line.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        lines.append(current + line)
+        current = ""
+    out = []
+    for line in lines:
+        keyword, _, rest = line.partition(" ")
+        out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def parse_dockerfile(path: Path = DOCKERFILE) -> tuple[dict[str, str], dict[str, Stage]]:
+    """Global ARG defaults and the stages by name."""
+    global_args: dict[str, str] = {}
+    stages: dict[str, Stage] = {}
+    stage = None
+    for keyword, rest in instructions(path.read_text()):
+        if keyword == "FROM":
+            match = re.fullmatch(r"(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?", rest, re.IGNORECASE)
+            stage = Stage(match.group(2) or f"stage{len(stages)}", match.group(1))
+            stages[stage.name] = stage
+        elif stage is None:
+            assert keyword == "ARG", f"only ARG may come before the first FROM, not {keyword}"
+            name, _, default = rest.partition("=")
+            global_args[name] = default
+        else:
+            stage.instructions.append((keyword, rest))
+    return global_args, stages
+
+
+def substitute(value: str, variables: dict[str, str]) -> str:
+    return re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?",
+                  lambda m: variables.get(m.group(1), m.group(0)), value)
+
+
+def pairs(rest: str, variables: dict[str, str]) -> dict[str, str]:
+    out = {}
+    for token in shlex.split(rest):
+        key, sep, value = token.partition("=")
+        assert sep, f"use KEY=value, not {rest!r}"
+        out[key] = substitute(value, variables)
+    return out
+
+
+@dataclass
+class Image:
+    """What a target's image is configured with, its parent stages included."""
+
+    target: str
+    stages: list[Stage]
+    args: dict[str, str]
+    env: dict[str, str]
+    labels: dict[str, str]
+    expose: list[str]
+    volumes: list[str]
+    user: str | None
+    healthcheck: str | None
+    entrypoint: list[str] | None
+    cmd: list[str] | None
+
+    def runs(self) -> list[str]:
+        return [rest for s in self.stages for k, rest in s.instructions if k == "RUN"]
+
+    def copies(self) -> list[str]:
+        return [rest for s in self.stages for k, rest in s.instructions if k == "COPY"]
+
+
+def image(target: str) -> Image:
+    global_args, stages = parse_dockerfile()
+    chain = []
+    name = target
+    while name in stages:
+        chain.insert(0, stages[name])
+        name = stages[name].parent
+    img = Image(target, chain, {}, {}, {}, [], [], None, None, None, None)
+    for stage in chain:
+        args: dict[str, str] = {}
+        for keyword, rest in stage.instructions:
+            variables = {**args, **img.env}
+            if keyword == "ARG":
+                key, sep, default = rest.partition("=")
+                args[key] = default if sep else global_args.get(key, "")
+            elif keyword == "ENV":
+                img.env.update(pairs(rest, variables))
+            elif keyword == "LABEL":
+                img.labels.update(pairs(rest, variables))
+            elif keyword == "EXPOSE":
+                img.expose = [p.split("/")[0] for p in rest.split()]
+            elif keyword == "VOLUME":
+                img.volumes = json.loads(rest) if rest.startswith("[") else rest.split()
+            elif keyword == "USER":
+                img.user = rest
+            elif keyword == "HEALTHCHECK":
+                img.healthcheck = rest
+            elif keyword in ("ENTRYPOINT", "CMD"):
+                setattr(img, keyword.lower(), json.loads(rest))
+        img.args = args  # the target's own ARGs
+    return img
+
+
+def targets() -> list[str]:
+    """The Dockerfile's image targets: stages no other stage builds on, from the runner base."""
+    _, stages = parse_dockerfile()
+    parents = {s.parent for s in stages.values()}
+    return [n for n, s in stages.items() if n not in parents and s.parent in stages]
+
+
+IMAGES = {name: image(name) for name in targets()}
+
+
+def served(img: Image) -> list[str]:
+    return img.labels["org.livepeer.runner.pipelines"].split(",")
+
+
+def constraints_of(img: Image) -> Path:
+    (name,) = {m for run in img.runs() for m in re.findall(r"-c /build/(\S+)", run)}
+    return REPO_ROOT / name
+
+
+def pins(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, _, version = line.partition("==")
+            out[canonicalize_name(name)] = version.strip()
+    return out
+
+
+# -- docker-bake.hcl -----------------------------------------------------------------------------
+
+def hcl_blocks(text: str) -> list[tuple[str, str, str]]:
+    """(kind, label, body) of each top-level block."""
+    text = "\n".join(line.split("#")[0] for line in text.splitlines())
+    out, i = [], 0
+    for match in re.finditer(r'^(\w+)\s+"([^"]+)"\s*\{', text, re.MULTILINE):
+        if match.start() < i:
+            continue
+        depth, j = 1, match.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            j += 1
+        out.append((match.group(1), match.group(2), text[match.end():j - 1]))
+        i = j
+    return out
+
+
+def hcl_value(body: str, key: str):
+    match = re.search(rf"^\s*{key}\s*=\s*(\[[^\]]*\]|\"[^\"]*\")", body, re.MULTILINE)
+    if match is None:
+        return None
+    raw = match.group(1)
+    return re.findall(r'"([^"]*)"', raw) if raw.startswith("[") else raw.strip('"')
+
+
+def bake() -> tuple[dict[str, str], dict[str, dict], dict[str, list[str]]]:
+    """Variables (defaults), targets (attributes, inherited ones resolved), groups."""
+    blocks = hcl_blocks(BAKE.read_text())
+    variables = {label: hcl_value(body, "default") for kind, label, body in blocks
+                 if kind == "variable"}
+    raw = {label: body for kind, label, body in blocks if kind == "target"}
+    groups = {label: hcl_value(body, "targets") for kind, label, body in blocks if kind == "group"}
+
+    def resolve(name: str) -> dict:
+        attrs: dict = {}
+        for parent in hcl_value(raw[name], "inherits") or []:
+            attrs.update(resolve(parent))
+        for key in ("context", "dockerfile", "target", "tags", "platforms"):
+            value = hcl_value(raw[name], key)
+            if value is not None:
+                attrs[key] = value
+        return attrs
+
+    return variables, {name: resolve(name) for name in raw}, groups
+
+
+VARIABLES, BAKE_TARGETS, GROUPS = bake()
+
+
+def bake_tags() -> dict[str, str]:
+    """Image tag (with the variables' defaults) -> Dockerfile target."""
+    out = {}
+    for attrs in BAKE_TARGETS.values():
+        for tag in attrs.get("tags", []):
+            out[substitute(tag, VARIABLES)] = attrs.get("target")
+    return out
+
+
+def compose_value(value: str) -> str:
+    """`${VAR:-default}` as compose resolves it with VAR unset."""
+    return re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}", lambda m: m.group(2) or "", value)
+
+
+COMPOSE_SPEC = yaml.safe_load(COMPOSE.read_text())
+SERVICES = COMPOSE_SPEC["services"]
+
+
+# -- the images ----------------------------------------------------------------------------------
+
+def test_the_dockerfile_has_the_five_family_images():
+    assert set(IMAGES) == {"diffusion", "speech-vision", "text-to-speech",
+                           "segment-anything-2", "llm"}
+    for img in IMAGES.values():
+        assert img.stages[0].name == "base"
+        assert img.stages[0].parent.startswith("${CUDA_IMAGE}")
+
+
+def test_every_pipeline_module_is_served_by_exactly_one_image():
+    modules = sorted(p.stem for p in (REPO_ROOT / "pipelines").glob("*.py")
+                     if not p.stem.startswith("_"))
+    names = {MODULES[n].NAME for n in MODULES}
+    assert len(names) == len(modules)
+    count = Counter(p for img in IMAGES.values() for p in served(img))
+    assert set(count) == names
+    assert [p for p, n in count.items() if n != 1] == []
+
+
+def test_each_image_installs_what_its_pipelines_require():
+    pyproject = REPO_ROOT / "pyproject.toml"
+    for name, img in IMAGES.items():
+        extras = img.labels["org.livepeer.runner.extras"].split(",")
+        assert extras == img.args["EXTRAS"].split(",")
+        assert any("requirements.py $EXTRAS" in run for run in img.runs()), name
+        installed = {canonicalize_name(Requirement(r).name)
+                     for r in image_requirements.requirements(pyproject, extras)}
+        pinned = pins(constraints_of(img))
+        for pipeline in served(img):
+            for spec in getattr(MODULES[pipeline], "REQUIRES", ()):
+                req = Requirement(spec)
+                dist = canonicalize_name(req.name)
+                assert dist in installed, f"{name}: {pipeline} needs {spec}, extras {extras}"
+                assert dist in pinned, f"{constraints_of(img).name} does not pin {dist}"
+                assert req.specifier.contains(pinned[dist], prereleases=True), (
+                    f"{name}: {pipeline} needs {spec}, {constraints_of(img).name} pins "
+                    f"{pinned[dist]}")
+
+
+def test_each_image_checks_its_pipelines_and_constraints_at_build():
+    for name, img in IMAGES.items():
+        checks = [run for run in img.runs() if "docker/check_image.py" in run]
+        assert len(checks) == 1, name
+        assert f"--constraints {constraints_of(img).name} $PIPELINES" in checks[0]
+
+
+def test_text_to_speech_has_its_own_environment():
+    tts = IMAGES["text-to-speech"]
+    assert constraints_of(tts).name == "constraints-tts.txt"
+    assert served(tts) == ["text-to-speech"]
+    assert all(constraints_of(img).name == "constraints.txt"
+               for name, img in IMAGES.items() if name != "text-to-speech")
+    assert "torchaudio" in next(r for r in tts.runs() if "check_image.py" in r)
+
+
+def test_torch_is_the_cuda_build_of_the_pinned_version():
+    global_args, _ = parse_dockerfile()
+    version = global_args["TORCH_VERSION"]
+    assert version == pins(REPO_ROOT / "constraints.txt")["torch"]
+    assert version == pins(REPO_ROOT / "constraints-tts.txt")["torch"]
+    cuda = re.fullmatch(r"https://download\.pytorch\.org/whl/cu(\d+)(\d)",
+                        global_args["TORCH_INDEX"])
+    assert cuda, global_args["TORCH_INDEX"]
+    # the base image's CUDA is torch's (and torchaudio's 13.0 build needs torch at 13.0 too)
+    assert f":{cuda.group(1)}.{cuda.group(2)}." in global_args["CUDA_IMAGE"]
+    base = image("base")
+    assert any('"torch==$TORCH_VERSION"' in run and "$TORCH_INDEX" in run for run in base.runs())
+
+
+def test_segment_anything_2_gets_the_matching_torchvision_and_sam2():
+    sam = IMAGES["segment-anything-2"]
+    major, minor, _ = pins(REPO_ROOT / "constraints.txt")["torch"].split(".")
+    # torchvision 0.(N+15) is the release built for torch 2.N
+    assert sam.args["TORCHVISION_VERSION"].split(".")[:2] == ["0", str(int(minor) + 15)]
+    install = " ".join(sam.runs())
+    assert '"torchvision==$TORCHVISION_VERSION"' in install and "$TORCH_INDEX" in install
+    assert '"sam2==$SAM2_VERSION"' in install and "SAM2_BUILD_CUDA=0" in install
+    assert all("torchvision" not in " ".join(img.runs())
+               for name, img in IMAGES.items() if name != "segment-anything-2")
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_runtime_contract(name):
+    img = IMAGES[name]
+    assert img.expose == [str(PORT)]
+    assert img.env["PORT"] == str(PORT) and img.env["HOST"] == "0.0.0.0"
+    assert img.env["MODEL_DIR"] == "/models" and img.volumes == ["/models"]
+    assert img.env["HF_HUB_OFFLINE"] == "1"
+    assert img.env["PIPELINE"] in served(img)
+    model_id = img.env["MODEL_ID"]
+    assert model_id == "" or model_id in {e.id for e in REGISTRY.entries(img.env["PIPELINE"])}
+    assert img.user and img.user not in ("root", "0") and not img.user.startswith("0:")
+    assert any("useradd" in run and img.user in run for run in img.runs())
+    assert img.healthcheck and re.search(r"http://127\.0\.0\.1:\$\{PORT\}/health\b",
+                                         img.healthcheck)
+    command = (img.entrypoint or []) + (img.cmd or [])
+    assert command[-3:] == ["python", "-m", "runner"]
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_env_names_are_settings_or_known_variables(name):
+    unknown = set(IMAGES[name].env) - KNOWN_ENV
+    assert unknown == set(), f"{name} sets {unknown}: not a Settings field nor read by the code"
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_env_values_are_valid_settings(name, monkeypatch):
+    img = IMAGES[name]
+    for key in SETTINGS_ENV:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in img.env.items():
+        if key in SETTINGS_ENV:
+            monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.device == "cuda"
+    assert settings.port == PORT and str(settings.model_dir) == "/models"
+    assert settings.pipeline_names(sorted(MODULES)) == [img.env["PIPELINE"]]
+
+
+def test_the_llm_image_runs_ollama_beside_the_runner():
+    llm = IMAGES["llm"]
+    assert llm.entrypoint == ["/usr/local/bin/llm-entrypoint"]
+    assert any("docker/llm-entrypoint.sh /usr/local/bin/llm-entrypoint" in c
+               for c in llm.copies())
+    assert any(c.startswith("--from=ollama /usr/bin/ollama") for c in llm.copies())
+    from pipelines.llm import DEFAULT_OLLAMA_HOST
+
+    assert llm.env["OLLAMA_HOST"] == DEFAULT_OLLAMA_HOST  # the daemon binds what the runner uses
+    assert llm.env["OLLAMA_MODELS"].startswith(llm.env["MODEL_DIR"] + "/")
+    assert llm.env["LLM_BACKEND"] == "ollama"
+    concurrency = {e.max_concurrency for e in REGISTRY.entries("llm")}
+    assert concurrency == {int(llm.env["OLLAMA_NUM_PARALLEL"])}
+    assert all("OLLAMA" not in k for n, img in IMAGES.items() if n != "llm" for k in img.env)
+
+
+def test_the_build_context_holds_what_the_images_copy():
+    allowed = {line[1:].rstrip("/") for line in
+               (REPO_ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    for img in IMAGES.values():
+        for copy in img.copies():
+            parts = [p for p in copy.split() if not p.startswith("--")]
+            if any(p.startswith("--from") for p in copy.split()):
+                continue
+            for source in parts[:-1]:
+                assert source == "." or source.split("/")[0] in allowed, source
+                assert source == "." or (REPO_ROOT / source).exists(), source
+
+
+def test_image_helpers(tmp_path):
+    assert check_image.pinned(REPO_ROOT / "constraints.txt", "torch") == "2.13.0"
+    assert check_image.pinned(REPO_ROOT / "constraints.txt", "no-such-package") is None
+    reqs = image_requirements.requirements(REPO_ROOT / "pyproject.toml", ["llm"])
+    assert "fastapi>=0.115" in reqs and any(r.startswith("ollama") for r in reqs)
+    with pytest.raises(SystemExit, match="unknown extras"):
+        image_requirements.requirements(REPO_ROOT / "pyproject.toml", ["gpu-magic"])
+
+
+# -- docker-bake.hcl -----------------------------------------------------------------------------
+
+def test_bake_builds_every_image_with_family_version_tags():
+    project_version = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    assert VARIABLES["VERSION"] == runner.__version__ == project_version["version"]
+    assert VARIABLES["REGISTRY"] == ""
+    assert sorted(GROUPS["default"]) == sorted(IMAGES)
+    for name in IMAGES:
+        attrs = BAKE_TARGETS[name]
+        assert attrs["target"] == name
+        assert attrs["dockerfile"] == "docker/Dockerfile" and attrs["context"] == "."
+        assert attrs["tags"] == [f"${{REGISTRY}}runner:{name}-${{VERSION}}"]
+    assert set(bake_tags().values()) == set(IMAGES)
+
+
+# -- compose.yaml --------------------------------------------------------------------------------
+
+def test_compose_services_run_real_pipelines_from_baked_images():
+    tags = bake_tags()
+    assert "llm" in SERVICES
+    ports = []
+    for name, service in SERVICES.items():
+        env = service["environment"]
+        target = tags.get(compose_value(service["image"]))
+        assert target, f"{name}: {service['image']} is not built by docker-bake.hcl"
+        assert env["PIPELINE"] in served(IMAGES[target]), f"{name}: {target} cannot serve it"
+        assert env["MODEL_ID"] in {e.id for e in REGISTRY.entries(env["PIPELINE"])}
+        assert set(env) <= KNOWN_ENV, name
+        (port,) = service["ports"]
+        host_ip, host_port, container_port = compose_value(port).split(":")
+        assert host_ip == "127.0.0.1" and container_port == str(PORT)
+        ports.append(host_port)
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        assert [compose_value(v).split(":")[1] for v in service["volumes"]] == ["/models"]
+        test = " ".join(service["healthcheck"]["test"])
+        assert f"http://127.0.0.1:{PORT}/health" in test
+    assert len(set(ports)) == len(ports)
+    assert {SERVICES[s]["environment"]["PIPELINE"] for s in SERVICES} == set(MODULES)
+
+
+def test_compose_env_values_are_valid_settings(monkeypatch):
+    for name, service in SERVICES.items():
+        for key in SETTINGS_ENV:
+            monkeypatch.delenv(key, raising=False)
+        for key, value in service["environment"].items():
+            monkeypatch.setenv(key, compose_value(str(value)))
+        settings = Settings()
+        assert settings.pipeline == service["environment"]["PIPELINE"], name
+
+
+# -- go-livepeer examples ------------------------------------------------------------------------
+
+def ai_models(name: str) -> list[dict]:
+    entries = json.loads((EXAMPLES / name).read_text())
+    assert isinstance(entries, list) and entries
+    for entry in entries:
+        assert set(entry) <= AI_MODEL_FIELDS, set(entry) - AI_MODEL_FIELDS
+        assert entry["pipeline"] in REGISTRY.pipelines
+        assert entry["model_id"] in {e.id for e in REGISTRY.entries(entry["pipeline"])}
+        assert isinstance(entry.get("warm", False), bool)
+        assert set(entry.get("optimization_flags", {})) <= set(OPTIMISATION_FLAGS)
+        price = entry["price_per_unit"]  # wei, or go-livepeer's "<decimal><currency>"
+        assert isinstance(price, int) or re.fullmatch(r"\d+(\.\d+)?([A-Za-z][A-Za-z0-9]*)?",
+                                                      price), price
+        assert isinstance(entry.get("pixels_per_unit", 1), int) and entry.get(
+            "pixels_per_unit", 1) > 0
+    return entries
+
+
+def test_managed_ai_models_cover_every_pipeline():
+    entries = ai_models("aiModels.managed.json")
+    assert {e["pipeline"] for e in entries} == set(MODULES)
+    assert all("url" not in e and "token" not in e for e in entries)
+
+
+def test_image_overrides_map_each_pipeline_to_the_image_that_serves_it():
+    overrides = json.loads((EXAMPLES / "aiRunnerImageOverrides.json").read_text())
+    assert set(overrides) <= {"default", "batch", "live"}
+    tags = bake_tags()
+    assert overrides["default"] in tags
+    assert set(overrides["batch"]) == set(MODULES)  # go-livepeer's own choices would win
+    for pipeline, tag in overrides["batch"].items():
+        assert tag in tags, tag
+        assert pipeline in served(IMAGES[tags[tag]]), f"{tag} does not serve {pipeline}"
+
+
+def test_external_ai_models_point_at_compose_runners_of_their_pipeline():
+    by_port = {compose_value(s["ports"][0]).split(":")[1]: s for s in SERVICES.values()}
+    max_queue = Settings.model_fields["max_queue"].default
+    for entry in ai_models("aiModels.external.json"):
+        match = re.fullmatch(r"http://127\.0\.0\.1:(\d+)", entry["url"])
+        assert match, entry["url"]
+        service = by_port[match.group(1)]
+        assert service["environment"]["PIPELINE"] == entry["pipeline"]
+        assert isinstance(entry["token"], str) and entry["token"]
+        model = next(e for e in REGISTRY.entries(entry["pipeline"]) if e.id == entry["model_id"])
+        assert 1 <= entry["capacity"] <= model.max_concurrency + max_queue
+
+
+def test_deploy_doc_names_every_example():
+    doc = (REPO_ROOT / "docs" / "deploy.md").read_text()
+    for path in EXAMPLES.iterdir():
+        assert f"examples/{path.name}" in doc, path.name
+
+
+# -- the llm entrypoint, against a fake daemon ---------------------------------------------------
+
+FAKE_OLLAMA = """#!/bin/sh
+exec "{python}" -c '
+import http.server, os, sys, time
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"{{}}")
+    def log_message(self, *a): pass
+server = http.server.HTTPServer(("127.0.0.1", int(os.environ["OLLAMA_HOST"].rsplit(":", 1)[1])), H)
+server.timeout = 0.1
+deadline = time.time() + float(os.environ.get("FAKE_LIFETIME", "30"))
+while time.time() < deadline:
+    server.handle_request()
+sys.exit(7)
+'
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def fake_ollama(tmp_path):
+    if shutil.which("bash") is None or shutil.which("curl") is None:
+        pytest.skip("needs bash and curl")
+    version = subprocess.run(["bash", "-c", "echo ${BASH_VERSINFO[0]}${BASH_VERSINFO[1]}"],
+                             capture_output=True, text=True).stdout.strip()
+    if int(version) < 51:
+        pytest.skip("the entrypoint needs bash >= 5.1 (wait -n -p), as in the image")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ollama").write_text(FAKE_OLLAMA.format(python=sys.executable))
+    (bin_dir / "ollama").chmod(0o755)
+
+    def start(*command: str, lifetime: float = 30):
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+               "OLLAMA_HOST": f"http://127.0.0.1:{free_port()}",
+               "OLLAMA_MODELS": str(tmp_path / "models" / "ollama"),
+               "FAKE_LIFETIME": str(lifetime)}
+        return subprocess.run(["bash", str(REPO_ROOT / "docker" / "llm-entrypoint.sh"),
+                               *command], env=env, capture_output=True, text=True, timeout=60)
+
+    return start
+
+
+def test_entrypoint_exits_with_the_commands_status(fake_ollama, tmp_path):
+    done = fake_ollama("sh", "-c", "exit 3")
+    assert done.returncode == 3
+    assert "exited (status 3); stopping ollama serve" in done.stderr
+    assert (tmp_path / "models" / "ollama").is_dir()
+
+
+def test_entrypoint_stops_the_runner_when_the_daemon_dies(fake_ollama):
+    done = fake_ollama("sleep", "30", lifetime=1.5)
+    assert done.returncode == 7
+    assert "ollama serve exited (status 7); stopping sleep" in done.stderr
