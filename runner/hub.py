@@ -46,7 +46,8 @@ def find_snapshot(model_dir: Path, repo: str, revision: str = "main") -> Path | 
 def snapshot(model_dir: Path, repo: str, revision: str = "main", model_id: str = "") -> Path:
     path = find_snapshot(model_dir, repo, revision)
     if path is None:
-        hint = f"python scripts/download_models.py --model {model_id or repo}"
+        hint = (f"python scripts/download_models.py --model {model_id or repo} "
+                f"--model-dir {model_dir}")
         raise ModelLoadError(f"model files for {repo} are not in {model_dir}; run `{hint}`")
     return path
 

@@ -37,10 +37,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-from _common import ROOT  # noqa: E402,F401  (puts the repo on sys.path)
-
 import bench_inputs  # noqa: E402
 import bench_report  # noqa: E402
+from _common import ROOT  # noqa: E402,F401  (puts the repo on sys.path)
 from bench_inputs import Options  # noqa: E402
 
 DATE = "2026-11-21"
@@ -304,6 +303,18 @@ def environment(mode: str) -> dict:
     return env
 
 
+def not_servable(pipeline: str) -> str | None:
+    from runner.pipeline import discover
+
+    if pipeline in discover():
+        return None
+    if pipeline in discover(installed_only=False):
+        venv = " (text-to-speech: run with .venv-tts/bin/python)" \
+            if pipeline == "text-to-speech" else ""
+        return f"{pipeline} cannot be served from this environment{venv}"
+    return f"unknown pipeline {pipeline!r}"
+
+
 def bench_one(pipeline: str, args: argparse.Namespace, weights: Path | None,
               device: str) -> dict:
     full = args.full_size
@@ -315,15 +326,17 @@ def bench_one(pipeline: str, args: argparse.Namespace, weights: Path | None,
     if cold == "auto":
         cold = "stabilityai/sd-turbo" if pipeline == "text-to-image" and not full else ""
     settings: dict = {}
+    problem = not_servable(pipeline) or (full and NO_FULL_SIZE.get(pipeline))
+    if problem:
+        return {"pipeline": pipeline, "error": problem}
     try:
         if full:
-            if pipeline in NO_FULL_SIZE:
-                return {"pipeline": pipeline, "error": NO_FULL_SIZE[pipeline]}
             settings = full_size_settings(pipeline, options, cold, weights, device)
+            release_memory()  # the build's peak is not the runner's
         plan = Plan(pipeline, options, cold, args.requests, settings)
         log(f"[{pipeline}] serving ({'full-size' if full else 'environment'} models) ...")
         run = serve_and_time(plan)
-    except (ValueError, KeyError, SystemExit) as exc:  # not servable or not buildable here
+    except (ValueError, SystemExit) as exc:  # a bad --model, or an architecture not built
         return {"pipeline": pipeline, "error": str(exc)}
     release_memory()
     if args.naive and "error" not in run:
@@ -353,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if temporary:
                 shutil.rmtree(weights, ignore_errors=True)
-    modes = sorted({run.get("mode", "?") for run in report["runs"]})
+    modes = sorted({run["mode"] for run in report["runs"] if "mode" in run})
     report["environment"] = environment("full-size" if args.full_size else ", ".join(modes))
     print(bench_report.render(report))
     if args.json:

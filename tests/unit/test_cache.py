@@ -1,100 +1,34 @@
-"""runner.cache.ModelCache with a fake loader: budget, LRU eviction, pinning, shared loads."""
+"""runner.cache.ModelCache on a fake device (tests/support/fake_device.py): budget, eviction
+and the host tier, pinning, shared loads, working-memory reservations, foreign memory, leaks."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-import threading
+import time
 from collections import Counter
-from dataclasses import dataclass
-from types import SimpleNamespace
 
 import pytest
 
-import runner.cache
-from runner.cache import Loader, ModelCache
+from runner.cache import ModelCache, TooLarge
 from runner.errors import FieldError, Unavailable
 from runner.registry import ModelEntry
+from tests.support import fake_device
+from tests.support.fake_device import (FakeDevice, FakeLoader, FakeModel, entry, eventually,
+                                       run, tiers, touch, wait_for_thread_event)
+
+MiB, GiB = 1 << 20, 1 << 30
 
 
 @pytest.fixture(autouse=True)
-def cheap_gc(monkeypatch):
-    """Eviction runs gc.collect(), ~50 ms with torch and fastapi imported; the cache's own
-    gc is replaced so traces with dozens of evictions stay fast."""
-    calls = []
-    monkeypatch.setattr(runner.cache, "gc", SimpleNamespace(collect=lambda: calls.append(1)))
-    return calls
-
-
-def entry(name: str, pipeline: str = "p") -> ModelEntry:
-    return ModelEntry(id=f"test/{name}", kind="fake", pipeline=pipeline)
-
-
-@dataclass(eq=False)
-class FakeModel:
-    id: str
-    nbytes: int
-
-
-class FakeLoader:
-    """Sizes by entry id; optional per-model gates that block load() in its worker thread."""
-
-    def __init__(self, sizes: dict[str, int], measured: dict[str, int] | None = None):
-        self.sizes = {f"test/{k}": v for k, v in sizes.items()}
-        self.measured = {f"test/{k}": v for k, v in (measured or {}).items()}
-        self.loads: Counter[str] = Counter()
-        self.releases = 0
-        self.failing: set[str] = set()
-        self.gates: dict[str, threading.Event] = {}
-        self.started: dict[str, threading.Event] = {}
-        self.on_release = lambda: None
-
-    def block(self, name: str) -> tuple[threading.Event, threading.Event]:
-        gate, started = threading.Event(), threading.Event()
-        self.gates[f"test/{name}"] = gate
-        self.started[f"test/{name}"] = started
-        return gate, started
-
-    def load(self, e: ModelEntry) -> FakeModel:
-        self.loads[e.id] += 1
-        if e.id in self.started:
-            self.started[e.id].set()
-        if e.id in self.gates:
-            assert self.gates[e.id].wait(5), "test never opened the gate"
-        if e.id in self.failing:
-            raise RuntimeError(f"broken checkpoint {e.id}")
-        return FakeModel(e.id, self.measured.get(e.id, self.sizes[e.id]))
-
-    def estimate(self, e: ModelEntry) -> int:
-        return self.sizes[e.id]
-
-    def measure(self, model: FakeModel) -> int:
-        return model.nbytes
-
-    def release(self) -> None:
-        self.releases += 1
-        self.on_release()
-
-    def loader(self) -> Loader:
-        return Loader(load=self.load, estimate=self.estimate, measure=self.measure,
-                      release=self.release)
-
-
-async def touch(cache: ModelCache, e: ModelEntry):
-    async with cache.use(e) as model:
-        return model
+def cheap_gc():
+    """The cache's gc.collect() (~50 ms with torch imported) is counted instead of run."""
+    with fake_device.cheap_gc() as calls:
+        yield calls
 
 
 def ids(cache: ModelCache) -> set[str]:
     return {d["id"] for d in cache.describe()}
-
-
-async def wait_for_thread_event(event: threading.Event) -> None:
-    for _ in range(500):
-        if event.is_set():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the load never started")
 
 
 # -- admission and eviction ---------------------------------------------------------------------
@@ -480,3 +414,399 @@ def test_evicted_models_are_unloaded_first():
 
     asyncio.run(main())
     assert unloaded == ["test/a"]
+
+
+# -- the fake device: victims, tiers, pins -------------------------------------------------------
+
+def by_id(cache: ModelCache) -> dict[str, dict]:
+    return {d["id"].removeprefix("test/"): d for d in cache.describe()}
+
+
+def test_model_fits_beside_others_and_the_foreign_bytes():
+    device = FakeDevice(total=120, foreign=20)
+    fake = FakeLoader({"a": 40, "b": 40, "c": 10}, device=device)
+
+    async def main():
+        cache = fake.cache(budget=100)
+        await touch(cache, entry("a"))
+        await touch(cache, entry("b"))  # 20 foreign + 40 + 40: exactly the budget
+        assert tiers(cache) == {"a": "device", "b": "device"}
+        assert cache.foreign == 20 and cache.budget == 80 and cache.free == 0
+        await touch(cache, entry("c"))  # one of them makes room
+        assert cache.resident_bytes <= cache.budget
+        assert tiers(cache) == {"b": "device", "c": "device"}
+        assert fake.unloads == Counter({"test/a": 1})
+        assert device.allocated() == cache.resident_bytes == 50
+
+    asyncio.run(main())
+
+
+def test_victim_is_the_cheapest_to_reload_per_byte_not_the_least_recently_used():
+    # slow reloads 0.3 s for 2 units (0.15 s per unit); fast 0.0 s; mid 0.2 s for 1 unit.
+    fake = FakeLoader({"slow": 2 * MiB, "mid": MiB, "fast": MiB, "new": MiB},
+                      load_seconds={"slow": 0.3, "mid": 0.2})
+
+    async def main():
+        cache = fake.cache(budget=4 * MiB)
+        await touch(cache, entry("slow"))
+        await touch(cache, entry("mid"))
+        await touch(cache, entry("fast"))  # most recently used, cheapest to reload
+        await touch(cache, entry("new"))
+        assert set(tiers(cache)) == {"slow", "mid", "new"}
+        await touch(cache, entry("fast"))  # mid is the least recently used, slow per byte
+        assert set(tiers(cache)) == {"mid", "new", "fast"}, "slow is cheapest per byte"
+
+    asyncio.run(main())
+
+
+def test_demoting_to_the_host_tier_is_preferred_over_dropping():
+    fake = FakeLoader({"movable": GiB, "pinned_to_gpu": GiB, "c": GiB}, host=True,
+                      immovable={"pinned_to_gpu"})
+
+    async def main():
+        cache = fake.cache(budget=2 * GiB, host_budget=4 * GiB)
+        await touch(cache, entry("pinned_to_gpu"))
+        moved = await touch(cache, entry("movable"))  # most recently used
+        await touch(cache, entry("c"))
+        assert tiers(cache) == {"movable": "host", "pinned_to_gpu": "device", "c": "device"}
+        assert fake.moves == [("test/movable", "host")] and not fake.unloads
+        assert by_id(cache)["movable"]["state"] == "demoted"
+        assert by_id(cache)["movable"]["demotions"] == 1
+        # Coming back is a promotion of the same model, not a load.
+        assert await touch(cache, entry("movable")) is moved
+        assert fake.loads["test/movable"] == 1
+        assert fake.moves[-1] == ("test/movable", "device")
+        assert tiers(cache)["movable"] == "device"
+        assert cache.tier_bytes("host") <= cache.host_budget
+
+    asyncio.run(main())
+
+
+def test_busy_model_is_never_moved_for_a_load_or_a_reservation():
+    fake = FakeLoader({"busy": 40, "idle": 30, "c": 30}, host=True)
+
+    async def main():
+        cache = fake.cache(budget=100, host_budget=100)
+        await touch(cache, entry("idle"))
+        hold = asyncio.Event()
+        task = asyncio.ensure_future(run(cache, entry("busy"), 20, hold=hold))
+        await eventually(lambda: cache.running_bytes == 20)
+        busy = cache.resident(entry("busy"))
+        await touch(cache, entry("c"))  # needs 30 of 10 free: idle goes, busy stays
+        assert tiers(cache) == {"busy": "device", "idle": "host", "c": "device"}
+        await cache.evict_idle()
+        await cache.rebalance()
+        assert cache.resident(entry("busy")) is busy
+        assert ("test/busy", "host") not in fake.moves and not fake.unloads["test/busy"]
+        hold.set()
+        assert await task is busy
+
+    asyncio.run(main())
+
+
+def test_pinned_model_is_demoted_only_when_nothing_else_frees_enough_and_comes_back():
+    fake = FakeLoader({"pinned": 50, "idle": 20, "r": 20}, host=True)
+
+    async def main():
+        cache = fake.cache(budget=100, host_budget=100)
+        await cache.pin(entry("pinned"))
+        await touch(cache, entry("idle"))
+        # free 10, needs 20: the idle model is enough, the pinned one stays.
+        await asyncio.wait_for(run(cache, entry("r"), 20), 5)
+        assert tiers(cache) == {"pinned": "device", "idle": "host", "r": "device"}
+        # needs 70 beside r: only with the pinned model out of the way.
+        hold = asyncio.Event()
+        task = asyncio.ensure_future(run(cache, entry("r"), 70, hold=hold))
+        await eventually(lambda: cache.running_bytes == 70)
+        assert tiers(cache)["pinned"] == "host"
+        assert by_id(cache)["pinned"]["pinned"] is True
+        assert cache.resident_bytes + cache.running_bytes <= cache.budget
+        hold.set()
+        await asyncio.wait_for(task, 5)
+        # Once idle and there is room, it comes back on its own.
+        await eventually(lambda: tiers(cache)["pinned"] == "device")
+        assert cache.is_ready(entry("pinned"))
+        assert fake.loads["test/pinned"] == 1 and not fake.unloads["test/pinned"]
+
+    asyncio.run(main())
+
+
+def test_pinned_model_is_never_dropped():
+    device = FakeDevice()
+    fake = FakeLoader({"pinned": 50, "idle": 20, "r": 20}, device=device)  # no host tier
+
+    async def main():
+        cache = fake.cache(budget=100)
+        await cache.pin(entry("pinned"))
+        await touch(cache, entry("idle"))
+        with pytest.raises(TooLarge):  # 60 beside r can only fit with the pinned model out
+            await run(cache, entry("r"), 60)
+        await cache.evict_idle()
+        device.foreign = 60
+        await cache.rebalance()
+        assert tiers(cache)["pinned"] == "device" and cache.is_ready(entry("pinned"))
+        assert not fake.unloads["test/pinned"]
+
+    asyncio.run(main())
+
+
+def test_ten_concurrent_cold_requests_share_one_load():
+    fake = FakeLoader({"a": 10})
+    gate, started = fake.block("a")
+
+    async def main():
+        cache = fake.cache(budget=100)
+        tasks = [asyncio.ensure_future(run(cache, entry("a"), 5)) for _ in range(10)]
+        await wait_for_thread_event(started)
+        await asyncio.sleep(0.01)
+        assert by_id(cache)["a"]["state"] == "loading" and by_id(cache)["a"]["in_flight"] == 10
+        gate.set()
+        models = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert fake.loads["test/a"] == 1 and all(m is models[0] for m in models)
+        assert by_id(cache)["a"]["in_flight"] == 0 and cache.running_bytes == 0
+
+    asyncio.run(main())
+
+
+# -- working memory ------------------------------------------------------------------------------
+
+def test_reservation_waits_for_a_running_one_to_end():
+    fake = FakeLoader({"a": 20})
+
+    async def main():
+        cache = fake.cache(budget=100)
+        hold = asyncio.Event()
+        first = asyncio.ensure_future(run(cache, entry("a"), 60, hold=hold))
+        await eventually(lambda: cache.running_bytes == 60)
+        second = asyncio.ensure_future(run(cache, entry("a"), 50))
+        await asyncio.sleep(0.05)
+        assert not second.done() and cache.running_bytes == 60
+        hold.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        assert cache.running_bytes == 0
+
+    asyncio.run(main())
+
+
+def test_reservation_past_its_deadline_is_503_with_retry_after():
+    fake = FakeLoader({"a": 20})
+
+    async def main():
+        cache = fake.cache(budget=100)
+        hold = asyncio.Event()
+        first = asyncio.ensure_future(run(cache, entry("a"), 60, hold=hold))
+        await eventually(lambda: cache.running_bytes == 60)
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as info:
+            await run(cache, entry("a"), 50, deadline=time.monotonic() + 0.1)
+        assert 0.05 < time.monotonic() - started < 2
+        assert info.value.status_code == 503
+        assert int(info.value.headers["Retry-After"]) >= 1
+        assert "deadline" in info.value.msg
+        assert cache.running_bytes == 60 and by_id(cache)["a"]["in_flight"] == 1
+        hold.set()
+        await first
+        assert by_id(cache)["a"]["in_flight"] == 0
+
+    asyncio.run(main())
+
+
+def test_too_large_working_memory_is_422_naming_what_fits_with_the_hint():
+    fake = FakeLoader({"pinned": 300 * MiB, "a": 200 * MiB, "idle": 100 * MiB})
+    fractions = []
+
+    def hint(fraction: float) -> str:
+        fractions.append(fraction)
+        return "Try at most 512x512."
+
+    async def main():
+        cache = fake.cache(budget=1000 * MiB)
+        await cache.pin(entry("pinned"))
+        await touch(cache, entry("idle"))
+        with pytest.raises(TooLarge) as info:
+            await run(cache, entry("a"), 800 * MiB, hint=hint)
+        err = info.value
+        assert isinstance(err, FieldError) and err.status_code == 422 and err.field == "model_id"
+        assert "800 MiB" in err.msg and "at most 500 MiB fits" in err.msg
+        assert err.msg.endswith("Try at most 512x512.")
+        assert err.largest == 500 * MiB and fractions == [500 / 800]
+        assert "idle" in tiers(cache) and not fake.unloads, "a refused run moved nothing"
+        # Without a hint the message says what to do.
+        with pytest.raises(TooLarge, match="smaller size"):
+            await run(cache, entry("a"), 800 * MiB)
+
+    asyncio.run(main())
+
+
+def test_oom_bumps_the_learned_peak_and_evict_idle_moves_idle_models_out():
+    fake = FakeLoader({"pinned": 10, "a": 10, "idle": 10, "idle2": 10}, host=True)
+
+    async def main():
+        cache = fake.cache(budget=100, host_budget=10)
+        await cache.pin(entry("pinned"))
+        await touch(cache, entry("idle"))
+        await touch(cache, entry("idle2"))
+        async with cache.use(entry("a")):
+            async with cache.reserve(entry("a"), 20) as r:
+                assert r.nbytes == 20
+                cache.oom(entry("a"), r)
+                await cache.evict_idle()
+        assert cache.working_bytes(entry("a"), 20) == (int(30 * 1.1), r.bucket)
+        assert tiers(cache)["pinned"] == "device" and tiers(cache)["a"] == "device"
+        # One idle model fits the host tier, the other is dropped.
+        assert sorted(t for n, t in tiers(cache).items() if n.startswith("idle")) == ["host"]
+        assert sum(fake.unloads.values()) == 1
+
+    asyncio.run(main())
+
+
+def test_measured_peak_corrects_the_next_reservation():
+    fake = FakeLoader({"a": 10}, peaks={"a": 30})
+
+    async def main():
+        cache = fake.cache(budget=1000)
+        assert cache.working_bytes(entry("a"), 50) == (50, 6)
+        await run(cache, entry("a"), 50)
+        assert cache.working_bytes(entry("a"), 50) == (33, 6)  # the peak, with the margin
+        # Other sizes scale by the largest measured ratio (30/50).
+        assert cache.working_bytes(entry("a"), 500) == (int(500 * 0.6 * 1.1), 9)
+        # Overlapping runs do not learn: neither peak is their own.
+        hold = asyncio.Event()
+        tasks = [asyncio.ensure_future(run(cache, entry("a"), 400, hold=hold))
+                 for _ in range(2)]
+        await eventually(lambda: cache.running_bytes == 2 * int(400 * 0.6 * 1.1))
+        hold.set()
+        await asyncio.gather(*tasks)
+        assert 9 not in cache._learned["p:test/a"].peaks
+
+    asyncio.run(main())
+
+
+# -- foreign memory, leaks, daemons --------------------------------------------------------------
+
+def test_foreign_growth_shrinks_the_budget_and_rebalance_moves_idle_models_out():
+    device = FakeDevice(total=100)
+    fake = FakeLoader({"busy": 30, "a": 20, "b": 20}, device=device, host=True)
+
+    async def main():
+        cache = fake.cache(budget=100, host_budget=100)
+        await touch(cache, entry("a"))
+        await touch(cache, entry("b"))
+        hold = asyncio.Event()
+        task = asyncio.ensure_future(run(cache, entry("busy"), 10, hold=hold))
+        await eventually(lambda: cache.running_bytes == 10)
+        device.foreign = 30
+        cache.refresh()
+        assert cache.foreign == 30 and cache.budget == 70
+        assert cache.summary()["foreign_bytes"] == 30
+        await cache.rebalance()  # 80 on 70: one idle model is enough
+        assert cache.resident_bytes + cache.running_bytes <= cache.budget
+        assert sorted(tiers(cache).values()) == ["device", "device", "host"]
+        device.foreign = 90  # nothing can make this fit: every idle model goes
+        await cache.rebalance()
+        assert tiers(cache) == {"busy": "device", "a": "host", "b": "host"}
+        hold.set()
+        await task
+
+    asyncio.run(main())
+
+
+def test_unload_that_leaks_is_counted_against_the_budget():
+    device = FakeDevice()
+    fake = FakeLoader({"leaky": 40, "b": 40, "c": 40}, device=device, leaks={"leaky": 30})
+
+    async def main():
+        cache = fake.cache(budget=100)
+        await touch(cache, entry("leaky"))
+        await touch(cache, entry("b"))
+        await touch(cache, entry("c"))  # evicts leaky, which keeps 30 of its 40
+        assert cache.leaked == 30 and device.leaked == 30
+        assert cache.budget == 70 and cache.summary()["leaked_bytes"] == 30
+        assert cache.summary()["budget_bytes"] == 70
+        await cache.rebalance()  # 80 on 70: b goes
+        assert tiers(cache) == {"c": "device"}
+        assert cache.leaked == 30  # b gave all of its bytes back
+
+    asyncio.run(main())
+
+
+def test_external_model_is_dropped_not_demoted_and_is_not_foreign():
+    device = FakeDevice(foreign=5)
+    fake = FakeLoader({"ollama": 40, "b": 40}, device=device, host=True, external={"ollama"})
+
+    async def main():
+        cache = fake.cache(budget=100, host_budget=100)
+        model = await touch(cache, entry("ollama"))
+        assert device.others() == 45 and device.allocated() == 0
+        cache.refresh()
+        assert cache.foreign == 5, "the daemon holds our model: not foreign"
+        assert cache.resident_bytes == 40
+        await touch(cache, entry("b"))
+        await cache.evict_idle()
+        assert "ollama" not in tiers(cache) and fake.unloads["test/ollama"] == 1
+        assert not [m for m in fake.moves if m[0] == "test/ollama"]
+        assert model.tier == "gone"
+        assert cache.leaked == 0, "a daemon's model freeing no local bytes is no leak"
+        assert cache.budget == 95
+
+    asyncio.run(main())
+
+
+def test_full_host_tier_drops_its_least_recently_used_model():
+    fake = FakeLoader({"a": 30, "b": 30, "c": 30, "d": 30}, host=True)
+
+    async def main():
+        cache = fake.cache(budget=30, host_budget=60)
+        for name in "abcd":  # each load demotes the previous model
+            await touch(cache, entry(name))
+        assert tiers(cache) == {"b": "host", "c": "host", "d": "device"}
+        assert fake.unloads == Counter({"test/a": 1})
+        assert cache.tier_bytes("host") == 60 == cache.summary()["host_bytes"]
+        assert cache.leaked == 0
+
+    asyncio.run(main())
+
+
+def test_operator_unload():
+    fake = FakeLoader({"a": 30, "b": 30, "p": 30}, host=True)
+
+    async def main():
+        cache = fake.cache(budget=60, host_budget=60)
+        await touch(cache, entry("a"))
+        async with cache.use(entry("b")):
+            assert await cache.unload(entry("b")) is False
+        assert tiers(cache)["b"] == "device"
+        await cache.pin(entry("p"))  # demotes a
+        assert tiers(cache)["a"] == "host"
+        assert await cache.unload(entry("a")) is True  # from the host tier
+        assert await cache.unload(entry("p")) is True  # unpins
+        assert await cache.unload(entry("never")) is True
+        assert tiers(cache) == {"b": "device"}
+        assert fake.unloads == Counter({"test/a": 1, "test/p": 1})
+        assert cache.leaked == 0
+
+    asyncio.run(main())
+
+
+def test_summary_fields():
+    device = FakeDevice(foreign=10)
+    fake = FakeLoader({"a": 30}, device=device, host=True)
+
+    async def main():
+        cache = fake.cache(budget=100, host_budget=50)
+        await touch(cache, entry("a"))
+        hold = asyncio.Event()
+        task = asyncio.ensure_future(run(cache, entry("a"), 20, hold=hold))
+        await eventually(lambda: cache.running_bytes == 20)
+        assert cache.summary() == {
+            "budget_bytes": 90, "base_budget_bytes": 100, "foreign_bytes": 10,
+            "leaked_bytes": 0, "resident_bytes": 30, "running_bytes": 20,
+            "host_budget_bytes": 50, "host_bytes": 0}
+        a = by_id(cache)["a"]
+        assert a["running_bytes"] == 20 and a["in_flight"] == 1 and a["hits"] == 1
+        hold.set()
+        await task
+        assert fake.cache(budget=100, host_budget=50).host_budget == 50
+        assert FakeLoader({}).cache(budget=100, host_budget=50).host_budget == 0  # no move
+
+    asyncio.run(main())
