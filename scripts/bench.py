@@ -43,6 +43,7 @@ from _common import ROOT  # noqa: E402,F401  (puts the repo on sys.path)
 from bench_inputs import Options  # noqa: E402
 
 DATE = "2026-11-21"
+COLD_MODEL = "stabilityai/sd-turbo"
 TOO_SLOW = ("--full-size builds and serves the real architectures (SDXL's UNet alone has 2.6 B "
             "parameters): on a CPU that takes many minutes per request. Run it on a GPU, or "
             "pass --force to run it here anyway.")
@@ -62,8 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="", help="model_id for the timed requests")
     parser.add_argument("--cold-model", default="auto",
                         help="another model timed once as a cold load through the cache; "
-                        "auto: stabilityai/sd-turbo for text-to-image (not with --full-size); "
-                        "'' for none")
+                        "auto: stabilityai/sd-turbo for text-to-image in tiny mode, none "
+                        "otherwise; '' for none")
     parser.add_argument("--requests", type=int, default=5, help="steady-state requests")
     parser.add_argument("--size", type=int, default=None,
                         help="image side (of the input image for image inputs); default: 64 "
@@ -130,13 +131,20 @@ def wait_ready(client: Any, timeout: float = 3600) -> str:
 
 @dataclass
 class Plan:
-    """What to run for one pipeline."""
+    """What to run for one pipeline. `options` and `cold_model` are completed once the app
+    says whether it serves tiny models (see `complete`)."""
 
     pipeline: str
     options: Options
     cold_model: str
     requests: int
     settings: dict
+
+    def complete(self, tiny: bool) -> None:
+        self.options = bench_inputs.defaults(self.options, self.pipeline, tiny)
+        if self.cold_model == "auto":  # a second tiny text-to-image model; real ones may be
+            self.cold_model = (COLD_MODEL if tiny and self.pipeline == "text-to-image"  # absent
+                               else "")
 
 
 def serve_and_time(plan: Plan) -> dict:
@@ -149,6 +157,7 @@ def serve_and_time(plan: Plan) -> dict:
     started = time.perf_counter()
     app = create_app(Settings(pipeline=plan.pipeline, health_probe_seconds=0, **plan.settings))
     service = app.state.service
+    plan.complete(service.tiny)
     entry = service.registry.resolve(plan.pipeline, plan.options.model)
     cuda = cuda_in_use(service)
     run: dict[str, Any] = {"pipeline": plan.pipeline, "model": entry.id, "mode": service.mode,
@@ -264,7 +273,7 @@ def full_size_settings(pipeline: str, options: Options, cold_model: str, weights
 
     registry = Registry.load(Settings().models_file)
     entries = [registry.resolve(pipeline, options.model)]
-    if cold_model:
+    if cold_model not in ("", "auto"):  # auto: none with full-size models
         entries.append(registry.resolve(pipeline, cold_model))
     if "safety_check" in discover()[pipeline].Request.model_fields:
         entries.append(registry.safety_checker)
@@ -317,14 +326,13 @@ def not_servable(pipeline: str) -> str | None:
 
 def bench_one(pipeline: str, args: argparse.Namespace, weights: Path | None,
               device: str) -> dict:
+    from runner.errors import RunnerError
+
     full = args.full_size
-    options = bench_inputs.defaults(
-        Options(size=args.size, images=args.images, steps=args.steps,
-                audio_seconds=args.audio_seconds, max_tokens=args.max_tokens,
-                model=args.model), pipeline, full)
+    options = Options(size=args.size, images=args.images, steps=args.steps,
+                      audio_seconds=args.audio_seconds, max_tokens=args.max_tokens,
+                      model=args.model)
     cold = args.cold_model
-    if cold == "auto":
-        cold = "stabilityai/sd-turbo" if pipeline == "text-to-image" and not full else ""
     settings: dict = {}
     problem = not_servable(pipeline) or (full and NO_FULL_SIZE.get(pipeline))
     if problem:
@@ -336,8 +344,8 @@ def bench_one(pipeline: str, args: argparse.Namespace, weights: Path | None,
         plan = Plan(pipeline, options, cold, args.requests, settings)
         log(f"[{pipeline}] serving ({'full-size' if full else 'environment'} models) ...")
         run = serve_and_time(plan)
-    except (ValueError, SystemExit) as exc:  # a bad --model, or an architecture not built
-        return {"pipeline": pipeline, "error": str(exc)}
+    except (ValueError, RunnerError, SystemExit) as exc:  # a bad --model; nothing to build
+        return {"pipeline": pipeline, "error": getattr(exc, "msg", None) or str(exc)}
     release_memory()
     if args.naive and "error" not in run:
         run = with_naive(run, plan)

@@ -1,0 +1,143 @@
+"""The one writer of scripts/bench.py's results: Markdown tables (printed, and pasted into
+docs/benchmarks.md) and the JSON file of --json, both from the same report dict."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def summarize(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def steady_summary(requests: list[dict]) -> dict[str, Any]:
+    """Median, min and max of the HTTP time and the median of each Server-Timing stage over
+    the successful steady-state requests."""
+    ok = [r for r in requests if r["status"] == 200]
+    names = list(dict.fromkeys(name for r in ok for name in r["stages"]))
+    return {"n": len(ok), "failed": len(requests) - len(ok),
+            "http_ms": summarize([r["http_ms"] for r in ok]),
+            "stages": {name: statistics.median([r["stages"].get(name, 0.0) for r in ok])
+                       for name in names}}
+
+
+def write_json(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def _mib(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.0f}" if value >= 10 else f"{value:.2f}"
+
+
+def _stages(stages: dict[str, float]) -> str:
+    return " · ".join(f"{name} {_ms(ms)}" for name, ms in stages.items()) or "–"
+
+
+def _settings(run: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in run["settings"].items() if v not in (None, ""))
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def request_rows(runs: list[dict]) -> list[list[str]]:
+    rows = []
+    for run in runs:
+        if "error" in run:
+            rows.append([run["pipeline"], run.get("model", "–"), "error", run["error"][:160],
+                         "–", "–"])
+            continue
+        first, steady = run["first"], run["steady"]
+        http = steady["http_ms"] or {}
+        failed = f" ({steady['failed']} failed)" if steady["failed"] else ""
+        rows.append([
+            run["pipeline"], run["model"], _one(first),
+            f"{_ms(http.get('median'))} [{_ms(http.get('min'))}–{_ms(http.get('max'))}]"
+            f" n={steady['n']}{failed}",
+            _stages(steady["stages"]), _settings(run)])
+        if run.get("cold"):
+            rows.append(["", f"cold load: {run['cold_model']}", _one(run["cold"]), "–", "–",
+                         "another model, loaded through the cache by this request"])
+    return rows
+
+
+def _one(record: dict) -> str:
+    if record["status"] != 200:
+        return f"HTTP {record['status']}"
+    return f"{_ms(record['http_ms'])} ({_stages(record['stages'])})"
+
+
+def memory_rows(runs: list[dict]) -> list[list[str]]:
+    rows = []
+    for run in runs:
+        if "error" in run:
+            continue
+        for i, m in enumerate(run["loads"]):
+            rows.append([
+                run["pipeline"] if i == 0 else "", m["id"], f"{m['load_seconds']:.2f}",
+                _mib(m["estimated_mib"]), _mib(m["measured_mib"]),
+                f"{run['startup_s']:.1f}" if i == 0 else "",
+                _mib(run["peak_rss_mib"]) if i == 0 else "",
+                (f"{_mib(run.get('peak_cuda_load_mib'))} / {_mib(run.get('peak_cuda_mib'))}"
+                 if i == 0 and run.get("peak_cuda_mib") is not None else "")])
+    return rows
+
+
+def naive_rows(runs: list[dict]) -> list[list[str]]:
+    rows = []
+    for run in runs:
+        naive = run.get("naive")
+        if not naive:
+            continue
+        if "error" in naive:
+            rows.append([run["pipeline"], _ms((run["steady"]["http_ms"] or {}).get("median")),
+                         naive["error"][:160], "–", "–", "–"])
+            continue
+        rows.append([
+            run["pipeline"], _ms((run["steady"]["http_ms"] or {}).get("median")),
+            _ms(summarize(naive["steady_ms"])["median"]) if naive["steady_ms"] else "–",
+            f"{run['naive_ratio']:.2f}x" if run.get("naive_ratio") else "–",
+            f"{naive['load_s']:.2f}", _mib(naive.get("peak_cuda_mib"))])
+    return rows
+
+
+def render(report: dict) -> str:
+    """Markdown: the environment, then a table of requests, one of loads and memory, and one
+    of the naive comparison when it ran."""
+    env = report["environment"]
+    out = [f"Date: {report['date']} · device: {env['device']} · mode: {env['mode']} · "
+           f"torch {env['torch']} · diffusers {env.get('diffusers', '–')} · "
+           f"transformers {env.get('transformers', '–')} · threads: {env['threads']}",
+           f"Command: `{report['command']}`", ""]
+    runs = report["runs"]
+    out += ["Requests through the HTTP path (ms; first call, then the steady-state median "
+            "[min–max] of the next calls; stages from Server-Timing, steady medians):", "",
+            table(["pipeline", "model", "first call", "steady", "steady stages", "settings"],
+                  request_rows(runs)), ""]
+    out += ["Models loaded (warm-up and cold loads), start-up to /health OK, peak memory "
+            "(RSS of the process so far; CUDA: after loading / during requests):", "",
+            table(["pipeline", "model", "load s", "estimated MiB", "measured MiB", "start-up s",
+                   "peak RSS MiB", "peak CUDA MiB"], memory_rows(runs)), ""]
+    if any(run.get("naive") for run in runs):
+        out += ["Naive baseline (the plain library path, float32 and default attention, same "
+                "weights and settings, same process; ratio = naive / runner steady median):", "",
+                table(["pipeline", "runner ms", "naive ms", "ratio", "naive load s",
+                       "naive peak CUDA MiB"], naive_rows(runs)), ""]
+    return "\n".join(out)
