@@ -47,6 +47,14 @@ def configure_for_tiny() -> None:
     torch.set_num_threads(1)
 
 
+def empty_cache() -> None:
+    """Give the allocator's cached blocks back to the device, so others (and NVML) see them."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def move_model(model: Any, target: Any) -> None:
     """Move every torch module reachable from `model` to `target` in place (a diffusers
     pipeline's components, a wrapper's model): the cache's demotion to CPU RAM and back."""

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from runner import device as devices
 from runner import footprint, hardware, media, metrics, safety
 from runner.cache import Loader, ModelCache
-from runner.executor import Executor, Lane, free_device_memory
+from runner.executor import Executor, Lane
 from runner.hub import ModelFiles
 from runner.memory import CudaMemory, HostMemory
 from runner.pipeline import with_defaults
@@ -78,7 +78,7 @@ class Service:
         self.memory = CudaMemory(self.device.index) if self.device.is_cuda else HostMemory()
         self.cache = ModelCache(
             Loader(load=self._load, estimate=self._estimate, measure=footprint.measure,
-                   release=free_device_memory, unload=unload_model, move=self._move,
+                   release=devices.empty_cache, unload=unload_model, move=self._move,
                    movable=devices.movable, external=devices.held_elsewhere),
             budget=self._budget(), host_budget=self._host_budget(), memory=self.memory,
         )
