@@ -41,7 +41,8 @@ def upload_size(upload: Any, max_pixels: int) -> tuple[int, int]:
         upload.file.seek(0)
         with Image.open(upload.file) as image:
             width, height = image.size
-    except (UnidentifiedImageError, OSError, ValueError, AttributeError):
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+            AttributeError):  # a bomb too: decode_image answers it with a 400
         return 0, 0
     finally:
         if hasattr(upload, "file"):

@@ -85,6 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--naive", action="store_true",
                         help="also time the plain library path on the same weights")
     parser.add_argument("--force", action="store_true", help="--full-size on a CPU anyway")
+    parser.add_argument("--cache", action="store_true",
+                        help="also time the cache: a hit, loads from disk and from the host "
+                        "tier, a demotion and a drop (first pipeline, its sd-turbo-like "
+                        "non-default model)")
     return parser.parse_args(argv)
 
 
@@ -377,6 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     modes = sorted({run["mode"] for run in report["runs"] if "mode" in run})
     report["environment"] = environment("full-size" if args.full_size else ", ".join(modes))
     print(bench_report.render(report))
+    if args.cache:
+        import bench_cache
+
+        pipeline = pipelines_to_run(args.pipeline)[0]
+        report["cache"] = bench_cache.measure(pipeline, {}, model=args.cold_model
+                                              if args.cold_model != "auto" else COLD_MODEL)
+        print("\n" + bench_cache.render(report["cache"]))
     if args.json:
         bench_report.write_json(report, args.json)
         log(f"wrote {args.json}")
