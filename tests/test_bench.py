@@ -1,5 +1,6 @@
 """scripts/bench.py as a user runs it: the CPU tiny-mode smoke writes a JSON report with the
-per-stage times of its requests, and --full-size refuses to run without CUDA."""
+per-stage times of its requests and the cache's costs; --full-size refuses to run without
+CUDA."""
 
 from __future__ import annotations
 
@@ -31,10 +32,11 @@ def bench(*args: str, tiny_dir: Path, timeout: float = 120) -> subprocess.Comple
 def test_tiny_text_to_image_writes_stages_to_json(tmp_path):
     out = tmp_path / "bench.json"
     result = bench("--pipeline", "text-to-image", "--requests", "1", "--json", str(out),
-                   tiny_dir=tmp_path / "tiny")
+                   "--cache", tiny_dir=tmp_path / "tiny")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| text-to-image |" in result.stdout  # the Markdown table
-    (run,) = json.loads(out.read_text())["runs"]
+    report = json.loads(out.read_text())
+    (run,) = report["runs"]
     assert run["pipeline"] == "text-to-image" and run["mode"] == "tiny"
     assert run["first"]["status"] == 200
     assert run["steady"]["n"] == 1 and run["steady"]["failed"] == 0
@@ -43,6 +45,12 @@ def test_tiny_text_to_image_writes_stages_to_json(tmp_path):
     assert run["cold"]["status"] == 200 and run["cold"]["stages"]["model"] > 0
     assert run["loads"] and all(m["measured_mib"] > 0 for m in run["loads"])
     assert run["peak_rss_mib"] > 0
+    # --cache: every tier move was timed (the host tier is on for the benchmark even on CPU).
+    assert "cache costs" in result.stdout
+    cache = report["cache"]
+    assert cache["bytes"] > 0 and all(cache["ms"][k] is not None and cache["ms"][k] >= 0
+                                      for k in ("hit", "disk_load", "demote", "host_load",
+                                                "drop"))
 
 
 @pytest.mark.skipif("cuda_available()", reason="checks the refusal on a machine without CUDA")
