@@ -31,6 +31,13 @@ def decode_data_url(url: str) -> tuple[str, bytes]:
     return header[5:-7], base64.b64decode(payload)
 
 
+# Raster formats only: Pillow would otherwise hand EPS/PS uploads to Ghostscript when installed.
+# (JPEG covers multi-picture MPO files from phones.)
+Image.init()  # every plugin registered, so `formats=` finds them all
+IMAGE_FORMATS = tuple(f for f in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "ICO", "PPM",
+                                  "TGA") if f in Image.OPEN)
+
+
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """An RGB image with EXIF orientation applied; 400 for anything undecodable or bigger
     than `max_pixels` (decompression bombs included)."""
@@ -39,7 +46,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size
             if width * height > max_pixels or width == 0 or height == 0:
                 raise BadRequest(

@@ -193,3 +193,9 @@ def test_valid_png_exif_orientation_is_applied():
     exif[0x0112] = 8  # rotate 90 degrees counter-clockwise to display
     data = encode(gradient(40, 20), exif=exif.tobytes())
     assert decode_image(data, LIMIT).size == (20, 40)
+
+
+def test_postscript_is_never_handed_to_ghostscript():
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(BadRequest, match="not an image format"):
+        decode_image(eps, 1 << 20)
