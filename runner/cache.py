@@ -19,6 +19,7 @@ import gc
 import logging
 import math
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import anyio
 
 from runner import metrics
 from runner.errors import FieldError, Unavailable
+from runner.footprint import walk
 from runner.memory import HostMemory, Memory
 from runner.registry import ModelEntry
 
@@ -66,6 +68,7 @@ class Slot:
     estimated: int = 0
     users: int = 0  # requests holding the model or waiting for it
     running: int = 0  # working-memory bytes reserved by its running requests
+    waiting: int = 0  # of its users, those parked in reserve() until something changes
     pinned: bool = False
     loads: int = 0
     hits: int = 0
@@ -146,6 +149,9 @@ class ModelCache:
         self._load_lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._restoring: asyncio.Future | None = None
+        # Device-memory changes (loads, moves) in flight and ever started: a move's freed
+        # bytes are only checked for a leak when nothing else changed the device meanwhile.
+        self._changing = self._changes = 0
         self._publish()
 
     # -- bookkeeping --------------------------------------------------------------------------
@@ -199,10 +205,15 @@ class ModelCache:
         pinned models back."""
         self._changed.set()
         self._changed = asyncio.Event()
+        for s in self._slots.values():
+            s.waiting = 0  # all woken
         self._publish()
-        if self._restoring is None and any(
+        if self._restoring is None and self._device_idle() and any(
                 s.pinned and s.tier == "host" and s.idle for s in self._slots.values()):
             self._restoring = asyncio.ensure_future(self._restore_pinned())
+
+    def _device_idle(self) -> bool:
+        return not any(s.users for s in self._slots.values())
 
     def describe(self) -> list[dict[str, Any]]:
         now = time.monotonic()
@@ -250,6 +261,15 @@ class ModelCache:
             await self._execute([(slot, "none")], reason="operator")
         return True
 
+    async def demote(self, entry: ModelEntry) -> bool:
+        """Move an idle model to the host tier now (the benchmark's eviction-cost probe);
+        False when it is busy, not on the device, or cannot move there."""
+        slot = self._slots.get(self.key(entry))
+        if slot is None or not slot.idle or slot.tier != "device" or not self._demotable(slot):
+            return False
+        await self._execute([(slot, "host")], reason="operator")
+        return slot.tier == "host"
+
     # -- serving ------------------------------------------------------------------------------
 
     @asynccontextmanager
@@ -293,6 +313,8 @@ class ModelCache:
                 started = time.monotonic()
                 await self._fill(slot, source)
                 self._loaded(slot, source, time.monotonic() - started)
+                if self.free < 0:  # it measured bigger than its estimate: idle models move
+                    await self.rebalance()
         except BaseException:
             if slot.tier == "none":
                 metrics.CACHE_LOADS.labels(slot.entry.id, "disk", "failed").inc()
@@ -304,14 +326,18 @@ class ModelCache:
             self._notify()
 
     async def _fill(self, slot: Slot, source: str) -> None:
-        if source == "host":
-            await anyio.to_thread.run_sync(self._loader.move, slot.entry, slot.model,
-                                         "device")
-        else:
-            slot.model = await anyio.to_thread.run_sync(self._loader.load, slot.entry)
-            # Off the event loop: a model held by a daemon is measured over HTTP.
-            slot.learned.weights = await anyio.to_thread.run_sync(self._loader.measure,
-                                                                  slot.model)
+        self._changing, self._changes = self._changing + 1, self._changes + 1
+        try:
+            if source == "host":
+                await anyio.to_thread.run_sync(self._loader.move, slot.entry, slot.model,
+                                             "device")
+            else:
+                slot.model = await anyio.to_thread.run_sync(self._loader.load, slot.entry)
+                # Off the event loop: a model held by a daemon is measured over HTTP.
+                slot.learned.weights = await anyio.to_thread.run_sync(self._loader.measure,
+                                                                      slot.model)
+        finally:
+            self._changing -= 1
         slot.tier = "device"
 
     def _loaded(self, slot: Slot, source: str, seconds: float) -> None:
@@ -415,8 +441,29 @@ class ModelCache:
                 await self._execute(plan, reason="working memory")
                 if self.free > before:
                     continue
-            await _until(self._changed.wait(), deadline,
-                         f"{slot.entry.id} is waiting for device memory", self._retry_after())
+            if self._stuck(slot):
+                metrics.REJECTED.labels(slot.entry.id, "no_room").inc()
+                event("reject", model=slot.entry.id, bytes=nbytes, free=self.free,
+                      reason="held_by_waiters")
+                raise Unavailable(f"{slot.entry.id} needs device memory that models held by "
+                                  "other waiting requests keep; retry shortly",
+                                  retry_after=math.ceil(self._retry_after()))
+            changed = self._changed
+            slot.waiting += 1
+            try:
+                await _until(changed.wait(), deadline,
+                             f"{slot.entry.id} is waiting for device memory",
+                             self._retry_after())
+            finally:
+                if changed is self._changed:  # not woken (past its deadline): uncount it
+                    slot.waiting -= 1
+
+    def _stuck(self, keep: Slot) -> bool:
+        """Waiting cannot help: nothing runs or moves, and every other model in use is held
+        only by requests parked here too (each holding what another needs)."""
+        return not self.running_bytes and all(
+            s.moving is None and (s is keep or s.users == s.waiting)
+            for s in self._slots.values())
 
     def _retry_after(self) -> float:
         busy = [s.learned.run_seconds for s in self._slots.values() if s.running]
@@ -427,7 +474,7 @@ class ModelCache:
     def _immovable_bytes(self, keep: Slot) -> int:
         """Device bytes nothing can free: pinned models that cannot be demoted."""
         return sum(s.bytes for s in self._slots.values() if s is not keep and s.pinned
-                   and s.occupies("device") and not self._demotable(s))
+                   and s.occupies("device") and s.target != "host" and not self._demotable(s))
 
     def _demotable(self, slot: Slot) -> bool:
         return (self.host_budget > 0 and slot.model is not None
@@ -495,7 +542,14 @@ class ModelCache:
         await asyncio.gather(*moves)
 
     async def _move_out(self, slot: Slot, target: str, reason: str) -> None:
-        started, before = time.monotonic(), self.memory.allocated()
+        started = time.monotonic()
+        alone = self._changing == 0
+        self._changing, self._changes = self._changing + 1, self._changes + 1
+        serial = self._changes
+        # Only bytes leaving this process's device allocation can leak: not a host-tier model's,
+        # nor a daemon's (checked now: a dropped model is gone by the time it is verified).
+        before = (self.memory.allocated() if alone and slot.tier == "device"
+                  and not self._loader.external(slot.model) else None)
         freed = slot.bytes
         try:
             if target == "host":
@@ -509,16 +563,21 @@ class ModelCache:
         except Exception:
             # A pinned model stays where it is rather than being dropped.
             log.warning("moving %s to %s failed", slot.entry.id, target, exc_info=True)
+            slot.target = None  # it no longer claims room there (another demotion may fit)
             if not slot.pinned:
                 await self._drop(slot)
         finally:
             slot.target, slot.moving = None, None
-        await anyio.to_thread.run_sync(self._release)
+            self._changing -= 1
+        await anyio.to_thread.run_sync(self._loader.release)
         seconds = time.monotonic() - started
         metrics.EVICTION_SECONDS.labels(slot.tier).observe(seconds)
         event("demote" if slot.tier == "host" else "evict", model=slot.entry.id, bytes=freed,
               seconds=f"{seconds:.3f}", reason=reason.replace(" ", "_"))
-        self._verify_freed(slot, before, freed)
+        # Not when a pinned model's demotion failed (it freed nothing), nor when another
+        # load or move overlapped this one (their bytes would count as this one's).
+        if slot.tier != "device" and self._changes == serial:
+            self._verify_freed(slot, before, freed)
         if slot.tier == "none" and slot.idle:
             self._forget(slot)
         self._notify()
@@ -531,7 +590,12 @@ class ModelCache:
             await anyio.to_thread.run_sync(self._loader.unload, model)
         except Exception:
             log.warning("unloading %s failed", slot.entry.id, exc_info=True)
+        parts = [weakref.ref(part) for part in walk(model)]
         del model
+        # Only tensors caught in a reference cycle need a collection: a full one holds the
+        # GIL for a few hundred ms, which /health and every other request would feel.
+        if any(part() is not None for part in parts):
+            await anyio.to_thread.run_sync(gc.collect)
 
     async def _make_host_room(self, incoming: Slot) -> None:
         """Drop idle host-tier models, least recently used first, until `incoming` (already
@@ -545,6 +609,8 @@ class ModelCache:
         for victim in victims:
             if fits():
                 return
+            if not (victim.idle and victim.tier == "host"):  # taken meanwhile (a promotion)
+                continue
             victim.target, victim.moving = "none", asyncio.get_running_loop().create_future()
             try:
                 await self._drop(victim)
@@ -555,10 +621,6 @@ class ModelCache:
             self._forget(victim)
         if not fits():
             raise MemoryError("host tier full")
-
-    def _release(self) -> None:
-        gc.collect()
-        self._loader.release()
 
     def _verify_freed(self, slot: Slot, before: int | None, expected: int) -> None:
         """An unload that did not give its memory back leaves less for everyone: count the
@@ -581,7 +643,9 @@ class ModelCache:
                 if s.tier == "device" and s.idle and not s.pinned]
         if plan:
             await self._execute(plan, reason="out of memory")
-        await anyio.to_thread.run_sync(self._release)
+        # The failed run's tensors may hang on its traceback's cycles.
+        await anyio.to_thread.run_sync(gc.collect)
+        await anyio.to_thread.run_sync(self._loader.release)
 
     async def close(self) -> None:
         """Drop every idle model, pinned or not (the process is shutting down)."""
@@ -594,17 +658,26 @@ class ModelCache:
 
     async def rebalance(self) -> None:
         """After others took device memory: move idle models out until the budget holds."""
+        before = self.foreign
         self.refresh()
+        if self.foreign < before:
+            self._notify()  # others gave memory back: wake the requests waiting for room
         if self.free < 0 and (plan := self._plan(-self.free, keep=None)):
             await self._execute(plan, reason="foreign memory")
         elif self.free < 0:
+            # Not even every idle model out restores the budget: move them all anyway.
+            plan = [(s, "host" if self._demotable(s) else "none") for s in self._slots.values()
+                    if s.tier == "device" and s.idle and (not s.pinned or self._demotable(s))]
+            if plan:
+                await self._execute(plan, reason="foreign memory")
             log.warning("cache event=over_budget free=%d: busy models hold the rest", self.free)
 
     async def _restore_pinned(self) -> None:
         """Demoted pinned models come back when they fit without moving anything."""
         try:
             for slot in [s for s in self._slots.values() if s.pinned and s.tier == "host"]:
-                if slot.idle and slot.bytes <= self.free and not self._load_lock.locked():
+                if (slot.idle and self._device_idle() and slot.bytes <= self.free
+                        and not self._load_lock.locked()):
                     slot.moving = asyncio.ensure_future(self._bring(slot))
                     await asyncio.shield(slot.moving)
         except Exception:

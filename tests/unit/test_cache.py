@@ -14,8 +14,17 @@ from runner.cache import ModelCache, TooLarge
 from runner.errors import FieldError, Unavailable
 from runner.registry import ModelEntry
 from tests.support import fake_device
-from tests.support.fake_device import (FakeDevice, FakeLoader, FakeModel, entry, eventually,
-                                       run, tiers, touch, wait_for_thread_event)
+from tests.support.fake_device import (
+    FakeDevice,
+    FakeLoader,
+    FakeModel,
+    entry,
+    eventually,
+    run,
+    tiers,
+    touch,
+    wait_for_thread_event,
+)
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -65,7 +74,8 @@ def test_over_budget_evicts_least_recently_used_idle_model(recent, victim, cheap
         assert cache.is_ready(entry(recent)) and cache.is_ready(entry("c"))
         assert ids(cache) == {f"test/{recent}", "test/c"}
         assert cache.resident_bytes == 80
-        assert fake.releases == 1 and len(cheap_gc) == 1
+        assert fake.releases == 1
+        assert not cheap_gc  # no full collection: nothing of the dropped model was left
         # The evicted model comes back with a fresh load.
         await touch(cache, entry(victim))
         assert fake.loads[f"test/{victim}"] == 2
@@ -442,9 +452,10 @@ def test_model_fits_beside_others_and_the_foreign_bytes():
 
 
 def test_victim_is_the_cheapest_to_reload_per_byte_not_the_least_recently_used():
-    # slow reloads 0.3 s for 2 units (0.15 s per unit); fast 0.0 s; mid 0.2 s for 1 unit.
+    # Measured reloads: slow 0.2 s for 2 units (0.1 s per unit), mid and new 0.2 s for one,
+    # fast about 0 s.
     fake = FakeLoader({"slow": 2 * MiB, "mid": MiB, "fast": MiB, "new": MiB},
-                      load_seconds={"slow": 0.3, "mid": 0.2})
+                      load_seconds={"slow": 0.2, "mid": 0.2, "new": 0.2})
 
     async def main():
         cache = fake.cache(budget=4 * MiB)
@@ -460,8 +471,10 @@ def test_victim_is_the_cheapest_to_reload_per_byte_not_the_least_recently_used()
 
 
 def test_demoting_to_the_host_tier_is_preferred_over_dropping():
+    # Promoting 1 GiB from the host tier is estimated at 0.125 s; reloading the immovable
+    # model measured 0.2 s.
     fake = FakeLoader({"movable": GiB, "pinned_to_gpu": GiB, "c": GiB}, host=True,
-                      immovable={"pinned_to_gpu"})
+                      immovable={"pinned_to_gpu"}, load_seconds={"pinned_to_gpu": 0.2})
 
     async def main():
         cache = fake.cache(budget=2 * GiB, host_budget=4 * GiB)
@@ -713,7 +726,8 @@ def test_foreign_growth_shrinks_the_budget_and_rebalance_moves_idle_models_out()
 
 def test_unload_that_leaks_is_counted_against_the_budget():
     device = FakeDevice()
-    fake = FakeLoader({"leaky": 40, "b": 40, "c": 40}, device=device, leaks={"leaky": 30})
+    fake = FakeLoader({"leaky": 40, "b": 40, "c": 30, "d": 40}, device=device,
+                      leaks={"leaky": 30})
 
     async def main():
         cache = fake.cache(budget=100)
@@ -723,9 +737,13 @@ def test_unload_that_leaks_is_counted_against_the_budget():
         assert cache.leaked == 30 and device.leaked == 30
         assert cache.budget == 70 and cache.summary()["leaked_bytes"] == 30
         assert cache.summary()["budget_bytes"] == 70
-        await cache.rebalance()  # 80 on 70: b goes
-        assert tiers(cache) == {"c": "device"}
+        assert tiers(cache) == {"b": "device", "c": "device"} and cache.free == 0
+        await touch(cache, entry("d"))  # 40 of 70 with c beside it: b goes
+        assert tiers(cache) == {"c": "device", "d": "device"}
         assert cache.leaked == 30  # b gave all of its bytes back
+        device.foreign = 10
+        await cache.rebalance()  # 70 on 60: c, the least recently used, goes
+        assert tiers(cache) == {"d": "device"} and cache.free == 20
 
     asyncio.run(main())
 
@@ -808,5 +826,148 @@ def test_summary_fields():
         await task
         assert fake.cache(budget=100, host_budget=50).host_budget == 50
         assert FakeLoader({}).cache(budget=100, host_budget=50).host_budget == 0  # no move
+
+    asyncio.run(main())
+
+
+# -- regressions ---------------------------------------------------------------------------------
+
+def test_reservation_waiting_for_foreign_memory_is_woken_when_it_is_given_back():
+    device = FakeDevice(foreign=30)
+    fake = FakeLoader({"a": 20}, device=device)
+
+    async def main():
+        cache = fake.cache(budget=100)
+        hold = asyncio.Event()
+        first = asyncio.ensure_future(run(cache, entry("a"), 30, hold=hold))
+        await eventually(lambda: cache.running_bytes == 30)
+        second = asyncio.ensure_future(run(cache, entry("a"), 40))  # 20 free of 70
+        await asyncio.sleep(0.02)
+        assert not second.done()
+        device.foreign = 0
+        await cache.rebalance()
+        await asyncio.wait_for(second, 1)  # not only once `first` ends
+        assert not first.done()
+        hold.set()
+        await first
+
+    asyncio.run(main())
+
+
+def test_pinned_model_on_its_way_to_the_host_tier_is_not_counted_immovable():
+    # A second run sized to fit once the pinned model is demoted was a 422 while the demotion
+    # was in flight (the moving model counted against the host tier it was going to).
+    fake = FakeLoader({"pinned": 50, "a": 10}, host=True)
+    gate, started = fake.block("pinned", "move")
+
+    async def main():
+        cache = fake.cache(budget=100, host_budget=60)
+        await cache.pin(entry("pinned"))
+        hold = asyncio.Event()
+        first = asyncio.ensure_future(run(cache, entry("a"), 60, hold=hold))
+        await wait_for_thread_event(started, "the demotion")
+        second = asyncio.ensure_future(run(cache, entry("a"), 45))
+        await asyncio.sleep(0.02)
+        assert not second.done(), second.exception() if second.done() else None
+        gate.set()
+        await eventually(lambda: cache.running_bytes == 60)  # both run, one after the other
+        assert tiers(cache)["pinned"] == "host"
+        hold.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        await eventually(lambda: tiers(cache)["pinned"] == "device")
+
+    asyncio.run(main())
+
+
+def test_pinned_model_whose_demotion_fails_stays_and_is_no_leak():
+    fake = FakeLoader({"pinned": 50, "a": 10}, host=True)
+    fake.failing_moves.add("test/pinned")
+
+    async def main():
+        cache = fake.cache(budget=100, host_budget=60)
+        await cache.pin(entry("pinned"))
+        with pytest.raises(Unavailable):
+            await run(cache, entry("a"), 60, deadline=time.monotonic() + 0.1)
+        assert tiers(cache)["pinned"] == "device" and cache.is_ready(entry("pinned"))
+        assert cache.leaked == 0 and cache.budget == 100
+
+    asyncio.run(main())
+
+
+def test_host_room_skips_a_victim_that_is_being_promoted():
+    # Making host room for `a` drops x; meanwhile y, the next victim, is promoted by a request.
+    # y must not be dropped under the promotion (it came back to the device with no model).
+    fake = FakeLoader({"x": 20, "y": 30, "a": 40}, host=True)
+
+    async def main():
+        cache = fake.cache(budget=200, host_budget=60)
+        await touch(cache, entry("x"))
+        await touch(cache, entry("y"))
+        await cache.evict_idle()
+        assert tiers(cache) == {"x": "host", "y": "host"}
+        await touch(cache, entry("a"))
+        x_gate, x_started = fake.block("x", "unload")
+        y_gate, y_started = fake.block("y", "move")
+        evicting = asyncio.ensure_future(cache.evict_idle())  # a -> host: 90 of 60
+        await wait_for_thread_event(x_started, "dropping x")
+        using = asyncio.ensure_future(touch(cache, entry("y")))
+        await wait_for_thread_event(y_started, "promoting y")
+        x_gate.set()
+        await asyncio.sleep(0.02)
+        y_gate.set()
+        y = await asyncio.wait_for(using, 5)
+        await asyncio.wait_for(evicting, 5)
+        assert y is not None and y.tier == "device" and cache.resident(entry("y")) is y
+        assert not fake.unloads["test/y"] and not fake.errors
+        assert "x" not in tiers(cache) and tiers(cache)["y"] == "device"
+        assert cache.tier_bytes("host") <= cache.host_budget
+
+    asyncio.run(main())
+
+
+def test_two_waiting_requests_holding_what_the_other_needs_do_not_deadlock():
+    # Each run fits beside its own model but not beside both: each request held its model
+    # and waited for the other's to leave, until both deadlines passed (forever without one).
+    fake = FakeLoader({"a": 43, "b": 35})
+
+    async def main():
+        cache = fake.cache(budget=100)
+        hold = asyncio.Event()
+        first = asyncio.ensure_future(run(cache, entry("a"), 1, hold=hold))
+        await eventually(lambda: cache.running_bytes == 1)
+        on_a = asyncio.ensure_future(run(cache, entry("a"), 57))
+        on_b = asyncio.ensure_future(run(cache, entry("b"), 23))
+        await asyncio.sleep(0.02)
+        assert not on_a.done() and not on_b.done()  # waiting for the first run is right
+        hold.set()
+        done, _ = await asyncio.wait([first, on_a, on_b], timeout=2)
+        assert len(done) == 3, "deadlocked"
+        outcomes = sorted(type(t.exception()).__name__ if t.exception() else "ok"
+                          for t in (on_a, on_b))
+        assert outcomes in (["Unavailable", "ok"], ["ok", "ok"]), outcomes
+        for t in (on_a, on_b):
+            if t.exception() is not None:
+                assert int(t.exception().headers["Retry-After"]) >= 1
+        assert cache.running_bytes == 0 and all(d["in_flight"] == 0 for d in cache.describe())
+
+    asyncio.run(main())
+
+
+def test_victims_evicted_together_do_not_erase_a_leak():
+    # Each of two concurrent evictions saw the other's bytes come back too ("more than
+    # expected") and took it for the earlier leak being returned.
+    device = FakeDevice()
+    fake = FakeLoader({"leaky": 30, "a": 30, "b": 30, "big": 90}, device=device,
+                      leaks={"leaky": 10})
+
+    async def main():
+        cache = fake.cache(budget=100)
+        for name in ("leaky", "a", "b"):
+            await touch(cache, entry(name))
+        assert await cache.unload(entry("leaky"))
+        assert cache.leaked == device.leaked == 10
+        await touch(cache, entry("big"))  # a and b go together
+        assert tiers(cache) == {"big": "device"}
+        assert cache.leaked == device.leaked == 10 and cache.budget == 90
 
     asyncio.run(main())
