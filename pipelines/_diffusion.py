@@ -190,7 +190,8 @@ def generate_images(model: DiffusionModel, request: Any, ctx: Any,
         inputs, guidance_scale=request.guidance_scale,
         num_inference_steps=request.num_inference_steps,
         num_images_per_prompt=request.num_images_per_prompt,
-        generator=generators(model.device, image_seeds)))
+        generator=generators(model.device, image_seeds),
+        callback_on_step_end=ctx.step_callback))  # stops when the client has gone
     with ctx.stage("denoise"), torch.inference_mode():
         images = pipe(**prompts, **call).images
     # 4. Safety check and PNG encoding.

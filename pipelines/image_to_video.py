@@ -112,7 +112,7 @@ def run(model: diffusion.DiffusionModel, request: ImageToVideoParams, ctx) -> Vi
                 motion_bucket_id=request.motion_bucket_id,
                 noise_aug_strength=request.noise_aug_strength,
                 decode_chunk_size=int(options.get("decode_chunk_size", 8)),
-                generator=generator).frames[0]
+                generator=generator, callback_on_step_end=ctx.step_callback).frames[0]
         # 4. A sample of the output frames in one batched check; if the input or any
         #    sampled frame is flagged, the operator's policy applies to every frame.
         if not flagged:

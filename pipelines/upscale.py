@@ -106,7 +106,8 @@ def run(model: diffusion.DiffusionModel, request: UpscaleParams, ctx) -> ImageRe
     # 4. Denoise at the input size and decode to 4x (CFG branches batched by diffusers).
     with ctx.stage("denoise"), torch.inference_mode():
         images = pipe(**prompts, image=image, num_inference_steps=request.num_inference_steps,
-                      generator=generator).images
+                      generator=generator, callback_steps=1,
+                      callback=lambda *_: ctx.check_cancelled()).images
     # 5. The runner's safety checker on the output, then PNG encoding.
     return diffusion.image_response(images, image_seeds, ctx)
 

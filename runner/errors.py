@@ -61,6 +61,13 @@ class ModelLoadError(RunnerError):
     status_code = 500
 
 
+class ClientClosed(RunnerError):
+    """The client went away before its answer: the run was stopped (nginx's 499; nobody is
+    left to read it, but logs and metrics are)."""
+
+    status_code = 499
+
+
 class Unavailable(RunnerError):
     """Waiting would help: queue full, model cannot fit right now."""
 

@@ -14,6 +14,8 @@ QUEUE_WAIT_SECONDS = Histogram(
     "runner_queue_wait_seconds", "Time a request waited for its model's worker", ["model"],
     buckets=SECONDS)
 QUEUE_DEPTH = Gauge("runner_queue_depth", "Requests admitted and not yet finished", ["model"])
+CANCELLED = Counter("runner_cancelled_total",
+                    "Requests whose client went away mid-run (the run was stopped)")
 REJECTED = Counter("runner_rejected_total", "Requests refused (503, or 422 when too large)",
                    ["model", "reason"])
 

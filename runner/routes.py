@@ -4,22 +4,24 @@ No `from __future__ import annotations` here: FastAPI reads the generated endpoi
 annotations at definition time, and they name per-module classes.
 """
 
+import asyncio
 import hmac
 import inspect
 import json
 import logging
 import types
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
+from starlette.requests import Request as HTTPRequest
 
 from runner import hardware, metrics
-from runner.errors import FieldError, RunnerError, Unauthorized, Unavailable
+from runner.errors import ClientClosed, FieldError, RunnerError, Unauthorized, Unavailable
 from runner.executor import as_runner_error
 from runner.pipeline import is_multipart, operation_id, summary
 from runner.protocol import (
@@ -34,6 +36,8 @@ from runner.settings import Settings
 
 log = logging.getLogger(__name__)
 FORM_FIELD_BYTES = 8 << 20
+DISCONNECT_POLL_SECONDS = 0.25
+T = TypeVar("T")
 ERROR_RESPONSES = {
     400: {"model": HTTPError, "description": "Bad Request"},
     401: {"model": HTTPError, "description": "Unauthorized"},
@@ -67,16 +71,42 @@ def generate_router(service: Service, settings: Settings) -> APIRouter:
     return router
 
 
+async def until_disconnect(http: HTTPRequest, work: Awaitable[T]) -> T:
+    """Await `work` while watching the connection: a client that goes away (go-livepeer's
+    timeout, a closed app) cancels it, which stops the run at its next step and frees its
+    place for the requests still waiting."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while not task.done():
+            if await http.is_disconnected():
+                task.cancel()
+                return
+            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            metrics.CANCELLED.inc()
+            raise ClientClosed("the client closed the connection; the run was stopped") from None
+        raise
+    finally:
+        watcher.cancel()
+
+
 def add_generate_route(router: APIRouter, module: types.ModuleType, service: Service) -> None:
     Request = module.Request
 
-    async def respond(request: BaseModel, response: Response):
+    async def respond(request: BaseModel, response: Response, http: HTTPRequest):
         try:
             if getattr(request, "stream", False) and hasattr(module, "stream"):
                 result = await stream_events(service, module, request)
             else:
                 timings: dict[str, float] = {}
-                result = await service.generate(module, request, timings)
+                result = await until_disconnect(http, service.generate(module, request,
+                                                                       timings))
                 response.headers["Server-Timing"] = server_timing(timings)
         except RunnerError as exc:
             metrics.REQUESTS.labels(module.NAME, str(exc.status_code)).inc()
@@ -89,11 +119,12 @@ def add_generate_route(router: APIRouter, module: types.ModuleType, service: Ser
 
     if is_multipart(Request):
         async def endpoint(request: Annotated[Request, Form(media_type="multipart/form-data")],
-                           response: Response) -> BaseModel:
-            return await respond(request, response)
+                           response: Response, http: HTTPRequest) -> BaseModel:
+            return await respond(request, response, http)
     else:
-        async def endpoint(request: Request, response: Response) -> BaseModel:
-            return await respond(request, response)
+        async def endpoint(request: Request, response: Response,
+                           http: HTTPRequest) -> BaseModel:
+            return await respond(request, response, http)
 
     options = dict(
         methods=["POST"], response_model=module.Response, responses=ERROR_RESPONSES,

@@ -6,13 +6,14 @@ import asyncio
 import functools
 import inspect
 import logging
+import threading
 import time
 import types
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from filelock import FileLock
 from PIL import Image
@@ -21,6 +22,7 @@ from pydantic import BaseModel
 from runner import device as devices
 from runner import footprint, hardware, media, metrics, safety
 from runner.cache import Loader, ModelCache
+from runner.errors import ClientClosed
 from runner.executor import Executor, Lane
 from runner.hub import ModelFiles
 from runner.memory import CudaMemory, HostMemory
@@ -29,6 +31,7 @@ from runner.registry import ModelEntry, Registry
 from runner.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,6 +44,17 @@ class RunContext:
     settings: Settings
     checker: safety.SafetyChecker | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def check_cancelled(self) -> None:
+        """Called by pipelines between steps: stops the run once its client has gone."""
+        if self.cancelled.is_set():
+            raise ClientClosed("the client closed the connection; the run was stopped")
+
+    def step_callback(self, pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        """diffusers' `callback_on_step_end`: a cancelled run ends at its next step."""
+        self.check_cancelled()
+        return tensors
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -257,7 +271,7 @@ class Service:
                 self.cache.oom(entry, reserved)
                 await self.cache.evict_idle()
 
-            return await self.executor.call(run, on_oom=on_oom)
+            return await stop_on_cancel(self.executor.call(run, on_oom=on_oom), s.ctx)
 
     def working_memory(self, module: types.ModuleType, entry: ModelEntry,
                        request: BaseModel) -> int:
@@ -271,6 +285,21 @@ class Service:
         async with self.executor.turn(s.lane, s.deadline):
             async for chunk in module.stream(s.model, s.request, s.ctx):
                 yield chunk
+
+
+async def stop_on_cancel(work: Awaitable[T], ctx: RunContext) -> T:
+    """A worker thread cannot be interrupted: when the request is cancelled (its client went
+    away), flag the run so it stops at its next step, and hold the request's lane and memory
+    until the thread has really finished."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        ctx.cancelled.set()
+        await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: the ClientClosed it most likely ended with
+        raise
 
 
 def unload_model(model: Any) -> None:

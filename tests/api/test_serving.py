@@ -206,3 +206,39 @@ def test_metrics_count_requests_and_time_inference(echo):
     assert 'runner_requests_total{pipeline="echo-image",status="200"}' in text
     assert 'runner_requests_total{pipeline="echo-image",status="422"}' in text
     assert 'runner_inference_seconds_count{model="test/echo-small",pipeline="echo-image"}' in text
+
+
+def test_a_client_that_goes_away_stops_its_run_and_frees_its_place(live_server, make_settings):
+    """go-livepeer's timeout (or a closed app) drops the connection mid-run: the run stops at
+    its next step, the model's only slot is free for the next request, and the request is
+    counted as cancelled."""
+    import httpx
+    from prometheus_client import REGISTRY
+
+    from tests.support import echo_pipeline
+
+    def cancelled() -> float:
+        return REGISTRY.get_sample_value("runner_cancelled_total") or 0.0
+
+    before, stopped = cancelled(), len(echo_pipeline.STOPPED)
+    server = live_server(create_app(echo_settings(make_settings, max_queue=0), echo_modules()))
+    with server.client() as http:
+        wait_ready(http)
+        with server.client(timeout=0.5) as impatient:
+            try:
+                impatient.post("/echo-image", files={"image": PNG}, data={"sleep": "30"})
+                raise AssertionError("a 30 s run answered within the client's timeout")
+            except httpx.ReadTimeout:
+                pass
+        deadline = time.monotonic() + 30
+        while len(echo_pipeline.STOPPED) == stopped:  # the run saw its client go
+            assert time.monotonic() < deadline, "the run never saw its client go away"
+            time.sleep(0.02)
+        # With MAX_QUEUE=0 the next request would be a 503 if the stopped run held its slot.
+        deadline = time.monotonic() + 10
+        while any(m["in_flight"] for m in http.get("/models").json()["models"]):
+            assert time.monotonic() < deadline, "the stopped run still holds its model"
+            time.sleep(0.02)
+        r = http.post("/echo-image", files={"image": PNG})
+        assert r.status_code == 200, r.text
+    assert cancelled() == before + 1

@@ -17,6 +17,7 @@ from runner.protocol import Upload
 from runner.registry import ModelEntry
 
 NAME = "echo-image"
+STOPPED: list[str] = []  # models whose run saw its client go away
 
 
 class EchoParams(BaseModel):
@@ -65,7 +66,14 @@ def run(model: dict, request: EchoParams, ctx) -> EchoResponse:
     if request.fail:
         raise RuntimeError("unexpected failure inside the model")
     if request.sleep:
-        time.sleep(request.sleep)  # blocking on purpose: must never stall the event loop
+        # Blocking on purpose (it must never stall the event loop), in steps that stop once
+        # the client has gone, as the diffusion pipelines do between denoising steps.
+        deadline = time.monotonic() + request.sleep
+        while time.monotonic() < deadline:
+            ctx.cancelled.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            if ctx.cancelled.is_set():
+                STOPPED.append(model["id"])
+            ctx.check_cancelled()
     return EchoResponse(width=image.width, height=image.height, strength=request.strength,
                         flag=request.flag, points=points, seed=request.seed, size=request.size,
                         model=model["id"])
