@@ -75,7 +75,7 @@ def load(entry: ModelEntry, files: ModelFiles, device: Device) -> diffusion.Diff
     pipe = diffusion.from_folder(StableVideoDiffusionPipeline, entry, files, device)
     # No channels_last here: the UNet's temporal Conv3d weights are 5-D, and torch refuses
     # channels_last for them ("required rank 4 tensor").
-    return diffusion.finish_loading(pipe, device, scheduler=None)
+    return diffusion.finish_loading(pipe, device, scheduler=None, channels_last=False)
 
 
 def run(model: diffusion.DiffusionModel, request: ImageToVideoParams, ctx) -> VideoResponse:

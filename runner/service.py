@@ -189,6 +189,8 @@ class Service:
         that went away (or came back) shows in /health."""
         import anyio
 
+        if self.device.is_cuda:
+            await anyio.to_thread.run_sync(devices.configure_for_cuda)
         if self.tiny:
             await anyio.to_thread.run_sync(devices.configure_for_tiny)
         while True:
