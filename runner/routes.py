@@ -167,12 +167,13 @@ async def stream_events(service: Service, module: types.ModuleType, request: Bas
                 async for chunk in chunks:
                     yield {"data": chunk.model_dump_json(exclude_none=True)}
             yield {"data": "[DONE]"}
-        except RunnerError as exc:
-            yield {"data": json.dumps({"error": {"message": exc.msg}})}
+        except RunnerError as exc:  # with the status it would have had before the stream
+            yield {"data": json.dumps({"error": {"message": exc.msg,
+                                                 "code": exc.status_code}})}
         except Exception as exc:  # the stream has started: report in-band, log the rest
             log.exception("stream failed", exc_info=exc)
             yield {"data": json.dumps({"error": {"message": f"inference failed: "
-                                                 f"{type(exc).__name__}"}})}
+                                                 f"{type(exc).__name__}", "code": 500}})}
         finally:
             await stack.aclose()
 

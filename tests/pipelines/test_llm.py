@@ -347,6 +347,21 @@ def test_ollama_error_mid_stream_is_in_band(tmp_path_factory, monkeypatch, doubl
         assert "GGML_ASSERT" in error["error"]["message"]
 
 
+def test_ollama_daemon_gone_mid_stream(tmp_path_factory, monkeypatch, double):
+    """The daemon dies after two tokens: the stream ends with an in-band 503-style error, and
+    the runner answers the next request (here from the daemon back up) as usual."""
+    with ollama_app(tmp_path_factory, monkeypatch, double) as client:
+        double.die_after = 2
+        r = client.post("/llm", json=chat(stream=True))
+        assert r.status_code == 200
+        data = sse_data(r.text)
+        assert "[DONE]" not in data and len(data) == 3, data
+        error = json.loads(data[2])["error"]
+        assert "not reachable" in error["message"] and error["code"] == 503
+        double.die_after = None
+        assert client.post("/llm", json=chat()).status_code == 200
+
+
 def test_ollama_memory_hooks(tmp_path_factory, monkeypatch, double):
     """What the warm cache uses: the daemon's size_vram (/api/ps) and unload (keep_alive 0)."""
     with ollama_app(tmp_path_factory, monkeypatch, double) as client:

@@ -21,7 +21,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -63,6 +63,7 @@ class OllamaDouble:
         self.size_vram = size_vram
         self.loaded: dict[str, int] = {}  # model -> size_vram, as /api/ps shows it
         self.fail_after: int | None = None  # stream an {"error"} line after this many chunks
+        self.die_after: int | None = None  # drop the connection after this many chunks
         self.down = False  # the mock transport refuses connections
         self.requests: list[tuple[str, str, dict]] = []
         self.chunks_sent = 0  # chat chunks written by the loopback server
@@ -181,11 +182,21 @@ class OllamaDouble:
             raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
         body = json.loads(request.content) if request.content else {}
         reply = self.respond(request.method, request.url.path, body)
+        if reply.stream and self.die_after is not None:
+            return httpx.Response(reply.status, content=self.dying(reply, request),
+                                  headers={"content-type": "application/x-ndjson"})
         if reply.stream:
             content = b"".join(json.dumps(o).encode() + b"\n" for o in reply.objects)
             return httpx.Response(reply.status, content=content,
                                   headers={"content-type": "application/x-ndjson"})
         return httpx.Response(reply.status, json=reply.objects[0])
+
+    async def dying(self, reply: Reply, request: httpx.Request) -> AsyncIterator[bytes]:
+        """The daemon crashing mid-answer: some lines, then the connection is gone."""
+        for line in reply.objects[:self.die_after]:
+            yield json.dumps(line).encode() + b"\n"
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete "
+                                        "message body", request=request)
 
     # -- over a socket: a loopback HTTP server -------------------------------------------------
     @contextmanager
