@@ -52,7 +52,7 @@ def quiet_loading() -> None:
 
 
 def finish_loading(pipe: Any, device: Device, scheduler: str | None,
-                   channels_last: bool = True) -> DiffusionModel:
+                   channels_last: bool = True, compile: bool = False) -> DiffusionModel:
     set_scheduler(pipe, scheduler)
     pipe.to(device.torch)
     if channels_last and device.is_cuda:
@@ -62,8 +62,30 @@ def finish_loading(pipe: Any, device: Device, scheduler: str | None,
         for name in ("unet", "vae"):
             if (module := getattr(pipe, name, None)) is not None:
                 module.to(memory_format=torch.channels_last)
+    if compile:
+        # In place, so LoRA adapters, tier moves and the cache's measurements see the same
+        # modules; the first call at each size compiles (warm_up does it at load).
+        pipe.unet.compile()
+        pipe.vae.decoder.compile()
     pipe.set_progress_bar_config(disable=True)
     return DiffusionModel(pipe, device)
+
+
+def warm_up(model: DiffusionModel, entry: ModelEntry) -> None:
+    """One generation at the entry's served size and guidance (its models.yaml defaults), so
+    TORCH_COMPILE's compilation happens at load rather than on a client's request."""
+    import torch
+    from PIL import Image
+
+    values = {**entry.defaults, **entry.fixed}
+    side = 1024 if entry.kind.startswith("sdxl") else 512
+    width, height = int(values.get("width", side)), int(values.get("height", side))
+    call = {"width": width, "height": height, "image": Image.new("RGB", (width, height)),
+            "num_inference_steps": int(values.get("num_inference_steps") or 2),
+            **{k: values[k] for k in ("guidance_scale", "image_guidance_scale", "strength")
+               if values.get(k) is not None}}
+    with torch.inference_mode():
+        model.pipe(prompt="warm-up", **accepted(model.pipe, call))
 
 
 def set_scheduler(pipe: Any, name: str | None) -> None:
@@ -121,7 +143,7 @@ def load_family(entry: ModelEntry, files: ModelFiles, device: Device) -> Diffusi
     else:
         cls = getattr(diffusers, AUTO_PIPELINES[entry.pipeline])
     pipe = from_folder(cls, entry, files, device, **options)
-    return finish_loading(pipe, device, entry.options.get("scheduler"))
+    return finish_loading(pipe, device, entry.options.get("scheduler"), compile=device.compile)
 
 
 def lightning_unet(entry: ModelEntry, files: ModelFiles, base: Path, device: Device) -> Any:

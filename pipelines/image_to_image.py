@@ -92,6 +92,9 @@ def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
     diffusion.build_tiny_family(entry, model_dir)
 
 
+warm_up = diffusion.warm_up  # TORCH_COMPILE: compile at load, at the served size
+
+
 def output_size(entry: ModelEntry, request: ImageToImageParams) -> tuple[int, int]:
     return wm.upload_size(request.image, int(entry.options.get("max_pixels", DEFAULT_MAX_PIXELS)))
 

@@ -66,6 +66,9 @@ def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
     diffusion.build_tiny_family(entry, model_dir)
 
 
+warm_up = diffusion.warm_up  # TORCH_COMPILE: compile at load, at the served size
+
+
 def working_memory(entry: ModelEntry, request: TextToImageParams, float_bytes: int) -> int:
     images = request.num_images_per_prompt
     return wm.diffusion(wm.guided_batch(images, request.guidance_scale),

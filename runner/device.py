@@ -11,6 +11,7 @@ from typing import Any
 class Device:
     type: str  # "cuda" or "cpu"
     index: int = 0
+    compile: bool = False  # TORCH_COMPILE: pipelines that support it compile their hot modules
 
     @property
     def is_cuda(self) -> bool:
@@ -30,14 +31,14 @@ class Device:
         return getattr(torch, name) if self.is_cuda else torch.float32
 
 
-def resolve(requested: str) -> Device:
+def resolve(requested: str, compile: bool = False) -> Device:
     """NVML decides `auto` without importing torch, so the port binds at once; a GPU whose
     CUDA is broken then fails the warm-up and /health says ERROR."""
     from runner.hardware import gpu_count
 
     if requested == "cpu" or (requested == "auto" and gpu_count() == 0):
-        return Device("cpu")
-    return Device("cuda")
+        return Device("cpu", compile=compile)
+    return Device("cuda", compile=compile)
 
 
 def configure_for_cuda() -> None:

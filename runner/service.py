@@ -6,6 +6,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import os
 import threading
 import time
 import types
@@ -84,10 +85,15 @@ class Service:
         self.settings = settings
         self.registry = registry
         self.modules = modules
-        self.device = devices.resolve(settings.device)
+        self.device = devices.resolve(settings.device, settings.torch_compile)
         auto_tiny = settings.device == "auto" and not self.device.is_cuda
         self.tiny = auto_tiny if settings.tiny is None else settings.tiny
         self.model_dir = Path(settings.tiny_dir if self.tiny else settings.model_dir)
+        if settings.torch_compile:
+            # Compiled kernels persist beside the weights: the next start reuses them.
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                                  str(self.model_dir / ".cache" / "torchinductor"))
+            os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
         self.health = "LOADING"
         self.memory = CudaMemory(self.device.index) if self.device.is_cuda else HostMemory()
         self.cache = ModelCache(
@@ -123,7 +129,17 @@ class Service:
         return footprint.estimate(entry, self._files(entry), float_bytes)
 
     def _load(self, entry: ModelEntry) -> Any:
-        return self._module(entry).load(entry, self._files(entry), self.device)
+        module = self._module(entry)
+        model = module.load(entry, self._files(entry), self.device)
+        warm = getattr(module, "warm_up", None)
+        if self.device.compile and warm is not None:
+            # Compilation happens here, while the model is loading (/health LOADING for a
+            # warm model), not on a client's first request.
+            started = time.perf_counter()
+            warm(model, entry)
+            log.info("compiled %s for its served sizes in %.1fs", entry.id,
+                     time.perf_counter() - started)
+        return model
 
     def _move(self, entry: ModelEntry, model: Any, tier: str) -> None:
         """Between the device and CPU RAM; a module may know better (a cache to drop)."""

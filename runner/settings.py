@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 # Flags go-livepeer passes from aiModels.json `optimization_flags`; the ones this runner does not
 # implement are logged, never fatal, so an operator's existing config keeps working.
 OPTIMISATION_FLAGS = ("SFAST", "DEEPCACHE", "TORCH_COMPILE", "TENSORRT", "ONEDIFF")
-IMPLEMENTED_FLAGS: frozenset[str] = frozenset()
+IMPLEMENTED_FLAGS: frozenset[str] = frozenset({"TORCH_COMPILE"})
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     png_compress_level: int = Field(1, ge=0, le=9)
     shutdown_grace_seconds: int = Field(
         30, ge=0, description="On SIGTERM, how long in-flight requests may take to finish.")
+    torch_compile: bool = Field(
+        False, description="torch.compile the diffusion UNet and VAE decoder, warmed up at the "
+        "served sizes at start (go-livepeer's TORCH_COMPILE flag); the compiled kernels are "
+        "cached under MODEL_DIR/.cache/torchinductor for the next start.")
     health_probe_seconds: float = Field(
         5.0, description="How often warm models are re-checked after start-up; 0 = never.")
 
