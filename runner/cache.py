@@ -237,8 +237,13 @@ class ModelCache:
     # -- operator actions ---------------------------------------------------------------------
 
     async def pin(self, entry: ModelEntry) -> None:
-        """Load `entry` and keep it in memory for the life of the process."""
-        self._slot(entry).pinned = True
+        """Load `entry` and keep it in memory for the life of the process. The health probe
+        calls this every few seconds: a pinned model already on the device is left alone (and
+        not counted as a request's hit)."""
+        slot = self._slot(entry)
+        slot.pinned = True
+        if slot.tier == "device" and slot.moving is None:
+            return
         async with self.use(entry):
             pass
 
