@@ -74,3 +74,20 @@ def test_several_pipelines_share_a_budget_that_forces_demotions_and_evictions(ti
         # And the default models still answer at once.
         assert call(client, "text-to-image", "").status_code == 200
         assert call(client, "image-to-text", "").status_code == 200
+
+
+def test_a_request_too_large_for_the_device_is_422_with_the_size_that_fits(tiny_dir, sizes):
+    warm = sizes["SG161222/RealVisXL_V4.0_Lightning"] + \
+        sizes["CompVis/stable-diffusion-safety-checker"]
+    with serving("text-to-image", tiny_dir, vram_budget=warm + (64 << 20)) as client:
+        r = client.post("/text-to-image", json={"prompt": "a cat", "width": 1024,
+                                                "height": 1024, "num_inference_steps": 1})
+        assert r.status_code == 422, r.text
+        msg = r.json()["detail"][0]["msg"]
+        assert "working memory" in msg and "The largest that fits is about" in msg
+        side = int(msg.split("about ")[-1].split("x")[0])
+        assert 64 <= side < 1024
+        # The size it names is served.
+        r = client.post("/text-to-image", json={"prompt": "a cat", "width": side,
+                                                "height": side, "num_inference_steps": 1})
+        assert r.status_code == 200, r.text
