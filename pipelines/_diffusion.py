@@ -134,6 +134,10 @@ def load_family(entry: ModelEntry, files: ModelFiles, device: Device) -> Diffusi
     options: dict[str, Any] = {}
     if entry.kind in ("sd", "pix2pix"):  # images are checked by the runner's batched checker
         options.update(safety_checker=None, requires_safety_checker=False)
+    if "vae" in entry.components:  # the fp16-fix VAE: decodes in fp16 without an fp32 upcast
+        source = entry.components["vae"]
+        options["vae"] = diffusers.AutoencoderKL.from_pretrained(
+            files.folder(source.repo, source.revision), dtype=device.dtype(entry.dtype))
     if entry.kind == "sdxl-lightning":
         cls = getattr(diffusers, LIGHTNING_PIPELINES[entry.pipeline])
         base = files.folder(entry.main.repo, entry.main.revision)
@@ -480,6 +484,12 @@ def build_tiny_family(entry: ModelEntry, model_dir: Path) -> None:
     if not ModelFiles(model_dir).has(entry.main.repo):
         with writing_snapshot(model_dir, entry.main.repo) as folder:
             save_pipeline(TINY_FAMILIES[entry.kind](), folder)
+    vae = entry.components.get("vae")
+    if vae is not None and not ModelFiles(model_dir).has(vae.repo):
+        with writing_snapshot(model_dir, vae.repo) as folder:
+            fixed = tiny_vae(scaling_factor=0.13025)
+            fixed.register_to_config(force_upcast=False)  # what the fp16-fix VAE's config says
+            fixed.save_pretrained(folder)
     if entry.kind == "sdxl-lightning":
         source = entry.components["unet"]
         with writing_snapshot(model_dir, source.repo) as folder:

@@ -33,13 +33,18 @@ def safetensors_bytes(path: Path, float_bytes: int) -> int:
     return total
 
 
-def weight_files(folder: Path, variant: str | None) -> list[Path]:
+def weight_files(folder: Path, variant: str | None, replaced: frozenset[str] = frozenset()
+                 ) -> list[Path]:
     """The weight files a loader would read: safetensors (the variant's where a folder has
-    them), or pickled checkpoints where a snapshot has no safetensors at all."""
+    them), or pickled checkpoints where a snapshot has no safetensors at all; not those of
+    the `replaced` component folders (a Lightning UNet file, the fp16-fix VAE take their
+    place)."""
     if not any(folder.rglob("*.safetensors")):
         return sorted(p for ext in ("*.pt", "*.bin", "*.pth") for p in folder.rglob(ext))
     chosen = []
     for directory in {p.parent for p in folder.rglob("*.safetensors")}:
+        if directory != folder and directory.relative_to(folder).parts[0] in replaced:
+            continue
         files = sorted(directory.glob("*.safetensors"))
         preferred = [p for p in files if variant and _is_variant(p, variant)]
         chosen += preferred or [p for p in files if not _is_variant(p)]
@@ -54,11 +59,14 @@ def _is_variant(path: Path, variant: str | None = None) -> bool:
 
 def estimate(entry: ModelEntry, files: ModelFiles, float_bytes: int) -> int:
     total = 0
-    for source in entry.sources():
+    for i, source in enumerate(entry.sources()):
         if source.file:
             paths = [files.file(source.repo, source.file, source.revision)]
         else:
-            paths = weight_files(files.folder(source.repo, source.revision), entry.variant)
+            # The main repo's folders that components replace are never read.
+            replaced = frozenset(entry.components) if i == 0 else frozenset()
+            paths = weight_files(files.folder(source.repo, source.revision), entry.variant,
+                                 replaced)
         total += sum(file_bytes(p, float_bytes) for p in paths)
     return total
 

@@ -98,6 +98,9 @@ HUB: dict[str, dict[str, str]] = {
                                                                   extra=UNUSED),
     "ByteDance/SDXL-Lightning": {f"sdxl_lightning_{n}step_unet.safetensors": "w"
                                  for n in (1, 2, 4, 8)} | {"sdxl_lightning_4step.safetensors": "w"},
+    "madebyollin/sdxl-vae-fp16-fix": {"config.json": "{}",
+                                      "diffusion_pytorch_model.safetensors": "w",
+                                      "sdxl.vae.safetensors": "w"},
     "CompVis/stable-diffusion-safety-checker": {"config.json": "{}", "model.safetensors": "w",
                                                 "pytorch_model.bin": "w",
                                                 "preprocessor_config.json": "{}"},
@@ -204,6 +207,10 @@ def test_lightning_needs_its_unet_file_but_not_the_base_unet_weights(tmp_path, c
     assert f"- {unet.repo}" in out and entry.main.repo + " is not" not in out
     write(tmp_path, unet.repo, {unet.file: "w"})
     rc, out = run(capsys, "--check", "--model", entry.id, "--model-dir", str(tmp_path))
+    vae = entry.components["vae"]  # the fp16-fix VAE every SDXL entry decodes with
+    assert rc == 1 and f"- {vae.repo}" in out and f"- {unet.repo}" not in out
+    write(tmp_path, vae.repo, {"config.json": "{}", "diffusion_pytorch_model.safetensors": "w"})
+    rc, out = run(capsys, "--check", "--model", entry.id, "--model-dir", str(tmp_path))
     assert rc == 0, out
 
 
@@ -251,7 +258,7 @@ def test_downloads_request_exactly_what_models_yaml_lists(tmp_path, capsys, monk
         (call,) = hub.snapshot_calls(repo)  # once, however many entries share it
         assert call["allow"] == patterns and call["ignore"] == ["safety_checker/*"]
     # single component files: exactly those files
-    components = {(s.repo, s.file) for e in entries for s in e.components.values()}
+    components = {(s.repo, s.file) for e in entries for s in e.components.values() if s.file}
     assert {(c["repo"], c["file"]) for c in hub.files} >= components
     # the safety checker, because text-to-image checks its images
     (call,) = hub.snapshot_calls(SAFETY)

@@ -191,3 +191,29 @@ def test_models_held_elsewhere_report_their_own_bytes():
             return 1234
 
     assert measure(Daemon()) == 1234
+
+
+def test_component_folders_a_model_replaces_are_not_counted(tmp_path):
+    """SDXL-Lightning reads its UNet from one file and every SDXL entry its VAE from the
+    fp16-fix repo: the base snapshot's unet/ and vae/ weights are never loaded."""
+    from safetensors.torch import save_file
+
+    from runner.footprint import estimate
+    from runner.hub import ModelFiles, writing_snapshot
+    from runner.registry import ModelEntry
+
+    def weights(folder, name, numel):
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"w": torch.zeros(numel)}, folder / name)
+
+    with writing_snapshot(tmp_path, "org/base") as base:
+        for part, numel in (("unet", 1000), ("vae", 100), ("text_encoder", 10)):
+            weights(base / part, "diffusion_pytorch_model.safetensors", numel)
+    with writing_snapshot(tmp_path, "org/lightning") as repo:
+        weights(repo, "unet.safetensors", 1000)
+    with writing_snapshot(tmp_path, "org/vae") as repo:
+        weights(repo, "diffusion_pytorch_model.safetensors", 100)
+    entry = ModelEntry(id="org/x", kind="sdxl-lightning", source={"repo": "org/base"},
+                       components={"unet": {"repo": "org/lightning", "file": "unet.safetensors"},
+                                   "vae": {"repo": "org/vae"}})
+    assert estimate(entry, ModelFiles(tmp_path), 4) == (1000 + 100 + 10) * 4
