@@ -441,6 +441,8 @@ def transformers_model(folder: Path, entry: ModelEntry, device: Device) -> Any:
         raise ModelLoadError(f"{folder}/config.json is a {spec.get('model_type')!r} model, "
                              "not SAM2")
     model = Sam2Model.from_pretrained(folder, config=config, dtype=device.dtype(entry.dtype))
+    if device.compile:  # TORCH_COMPILE: the image encoder is nearly all of a cold request
+        model.vision_encoder.compile()
     return model.to(device.torch).eval()
 
 
@@ -498,6 +500,8 @@ def official_predictor(folder: Path, entry: ModelEntry, device: Device) -> Any:
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
     model.load_state_dict(state, strict=True)
     model.to(device.torch).eval()
+    if device.compile:  # TORCH_COMPILE, as for the transformers backend
+        model.image_encoder.compile()
     predictor = SAM2ImagePredictor(model)
     side = model.image_size  # the predictor hard-codes the feature sizes of a 1024 input
     predictor._bb_feat_sizes = [(side // 4, side // 4), (side // 8, side // 8),
@@ -766,6 +770,12 @@ def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
     model = tiny_transformers_model()
     with writing_snapshot(model_dir, entry.main.repo) as folder:
         model.save_pretrained(folder)
+
+
+def warm_up(model: Segmenter, entry: ModelEntry) -> None:
+    """TORCH_COMPILE: one embedding at load (every input is resized to the model's square
+    size, so one shape covers all requests)."""
+    model.embed(np.zeros((64, 64, 3), dtype=np.uint8))
 
 
 def working_memory(entry: ModelEntry, request: Any, float_bytes: int) -> int:

@@ -334,3 +334,24 @@ def test_prompt_parsing_without_a_server():
         sam2.parse_mask_input(json.dumps(np.zeros((1, 256, 256)).tolist()), (LOW_RES, LOW_RES))
     assert sam2.parse_mask_input(json.dumps(np.zeros((1, 256, 256)).tolist()),
                                  (256, 256)).shape == (1, 256, 256)
+
+
+def test_torch_compile_compiles_the_image_encoder_and_warms_it_at_load(tmp_path, monkeypatch):
+    """TORCH_COMPILE: the encoder is compiled in place and run once while the model loads.
+    torch.compile itself is replaced by a recorder here (the diffusion test compiles for real)."""
+    import torch
+
+    from tests.conftest import serving
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *a, **k: compiled.append(type(self).__name__))
+    embedded = []
+    original = sam2.TransformersSam2.embed
+    monkeypatch.setattr(sam2.TransformersSam2, "embed",
+                        lambda self, pixels: embedded.append(pixels.shape) or
+                        original(self, pixels))
+    with serving("segment-anything-2", tmp_path / "tiny", torch_compile=True) as client:
+        assert client.get("/health").json() == {"status": "OK"}
+    assert compiled == ["Sam2VisionModel"]
+    assert embedded == [(64, 64, 3)]  # the warm-up, before any request
