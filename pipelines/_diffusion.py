@@ -30,6 +30,7 @@ class DiffusionModel:
     pipe: Any
     device: Device
     adapters: set[str] = field(default_factory=set)
+    fused: bool = False  # q, k, v projections fused into one matmul (until a LoRA arrives)
 
 
 # -- loading -------------------------------------------------------------------------------
@@ -55,6 +56,10 @@ def finish_loading(pipe: Any, device: Device, scheduler: str | None,
                    channels_last: bool = True, compile: bool = False) -> DiffusionModel:
     set_scheduler(pipe, scheduler)
     pipe.to(device.torch)
+    pipe.set_progress_bar_config(disable=True)
+    model = DiffusionModel(pipe, device)
+    if device.is_cuda:
+        fuse_attention(model)
     if channels_last and device.is_cuda:
         # NHWC convolutions are the fast path of cuDNN's fp16 kernels on tensor cores.
         import torch
@@ -67,8 +72,23 @@ def finish_loading(pipe: Any, device: Device, scheduler: str | None,
         # modules; the first call at each size compiles (warm_up does it at load).
         pipe.unet.compile()
         pipe.vae.decoder.compile()
-    pipe.set_progress_bar_config(disable=True)
-    return DiffusionModel(pipe, device)
+    return model
+
+
+def fuse_attention(model: DiffusionModel) -> None:
+    """One matmul for q, k and v in every self-attention of the UNet and VAE, where the
+    pipeline supports it."""
+    if callable(getattr(model.pipe, "fuse_qkv_projections", None)):
+        model.pipe.fuse_qkv_projections()
+        model.fused = True
+
+
+def unfuse_attention(model: DiffusionModel) -> None:
+    """LoRA adapters wrap the separate q, k, v layers, which fused attention bypasses: a model
+    unfuses for good before its first adapter."""
+    if model.fused:
+        model.pipe.unfuse_qkv_projections()
+        model.fused = False
 
 
 def warm_up(model: DiffusionModel, entry: ModelEntry) -> None:
@@ -291,6 +311,8 @@ def activate_loras(model: DiffusionModel, loras: dict[str, float], files: ModelF
     """Attach requested adapters (once each, from MODEL_DIR only) and weight them for this
     request; with none requested, attached adapters are switched off."""
     pipe = model.pipe
+    if loras:
+        unfuse_attention(model)
     for repo in loras:
         if adapter_name(repo) not in model.adapters:
             _attach(model, repo, files)

@@ -147,3 +147,36 @@ def test_server_timing_names_each_stage(t2i):
     stages = dict(part.strip().split(";dur=") for part in r.headers["server-timing"].split(","))
     assert {"model", "denoise", "safety", "encode"} <= set(stages)
     assert all(float(ms) >= 0 for ms in stages.values())
+
+
+def test_fused_attention_matches_and_unfuses_for_a_lora(tmp_path):
+    """On CUDA the UNet's q/k/v run fused; the outputs are the same, and a model unfuses
+    before its first LoRA (fused attention would bypass the adapter's layers). Run here on
+    CPU by calling the same functions the CUDA load path calls."""
+    import torch
+
+    from runner.device import Device
+    from runner.hub import ModelFiles, writing_snapshot
+
+    def generate(model):
+        with torch.inference_mode():
+            return model.pipe("a cat", width=64, height=64, num_inference_steps=2,
+                              guidance_scale=1.0, generator=torch.Generator().manual_seed(1),
+                              output_type="np").images
+
+    def fresh():
+        torch.manual_seed(0)
+        return diffusion.DiffusionModel(diffusion.tiny_sd_pipeline(), Device("cpu"))
+
+    with writing_snapshot(tmp_path, "test/fuse-lora") as folder:
+        diffusion.write_tiny_lora(diffusion.tiny_sd_pipeline(), folder)
+    files = ModelFiles(tmp_path)
+    plain, fused = fresh(), fresh()
+    diffusion.fuse_attention(fused)
+    assert fused.fused
+    np.testing.assert_allclose(generate(fused), generate(plain), atol=1e-4)
+    for model in (plain, fused):
+        diffusion.activate_loras(model, {"test/fuse-lora": 1.0}, files)
+    assert not fused.fused
+    np.testing.assert_allclose(generate(fused), generate(plain), atol=1e-4)
+    assert not np.allclose(generate(plain), generate(fresh()), atol=1e-3)  # the LoRA acts
