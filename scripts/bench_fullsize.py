@@ -152,6 +152,11 @@ def sdxl(entry: ModelEntry, model_dir: Path, device: str) -> None:
         scheduler=EulerDiscreteScheduler(**sd_scheduler_config(), prediction_type="epsilon"),
         image_encoder=None, feature_extractor=None)
     save_diffusers(pipe, entry, model_dir)
+    if "vae" in entry.components:  # the fp16-fix VAE: the same architecture, no fp32 upcast
+        vae = entry.components["vae"]
+        with writing_snapshot(model_dir, vae.repo) as folder:
+            parts["vae"].register_to_config(force_upcast=False)
+            parts["vae"].save_pretrained(folder)
     if entry.kind == "sdxl-lightning":  # the step-distilled UNet file beside the base
         from safetensors.torch import save_file
 
