@@ -4,7 +4,7 @@ holds (its modules' parameters, found the way runner/footprint.py finds them).""
 from __future__ import annotations
 
 import gc
-import io
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,13 +12,14 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from runner.app import create_app
 from runner.settings import Settings
 from tests.conftest import post_image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import bench_inputs  # noqa: E402  (scripts/: the benchmark's input generators)
 
 ALL_PIPELINES = ["text-to-image", "image-to-image", "image-to-video", "upscale",
                  "audio-to-text", "image-to-text", "segment-anything-2", "llm",
@@ -28,25 +29,10 @@ ALL_PIPELINES = ["text-to-image", "image-to-image", "image-to-video", "upscale",
 FLOAT32_PARTS = {"upscale": ("vae",)}
 
 
-# -- inputs ----------------------------------------------------------------------------------
+# -- inputs: the benchmark's own generators, so both send the same kind of media ------------
 
-def noise_png(width: int, height: int, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def wav_bytes(seconds: float, rate: int = 16_000) -> bytes:
-    """A voiced-sounding mono WAV: a 140 Hz buzz with harmonics in syllable-like bursts."""
-    import soundfile
-
-    t = np.arange(int(seconds * rate)) / rate
-    voice = sum(np.sin(2 * np.pi * 140 * k * t) / k for k in range(1, 6))
-    samples = (0.2 * voice * np.clip(np.sin(2 * np.pi * 3 * t), 0, None)).astype(np.float32)
-    buf = io.BytesIO()
-    soundfile.write(buf, samples, rate, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
+noise_png = bench_inputs.noise_png
+wav_bytes = bench_inputs.speech_wav
 
 
 def small_request(client: TestClient, pipeline: str, **fields: Any):
