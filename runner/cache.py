@@ -576,9 +576,11 @@ class ModelCache:
             self._changing -= 1
         await anyio.to_thread.run_sync(self._loader.release)
         seconds = time.monotonic() - started
-        metrics.EVICTION_SECONDS.labels(slot.tier).observe(seconds)
-        event("demote" if slot.tier == "host" else "evict", model=slot.entry.id, bytes=freed,
-              seconds=f"{seconds:.3f}", reason=reason.replace(" ", "_"))
+        if slot.tier != "device":  # not a pinned model whose demotion failed
+            metrics.EVICTION_SECONDS.labels(slot.tier).observe(seconds)
+        event({"host": "demote", "none": "evict"}.get(slot.tier, "move_failed"),
+              model=slot.entry.id, bytes=freed, seconds=f"{seconds:.3f}",
+              reason=reason.replace(" ", "_"))
         # Not when a pinned model's demotion failed (it freed nothing), nor when another
         # load or move overlapped this one (their bytes would count as this one's).
         if slot.tier != "device" and self._changes == serial:
