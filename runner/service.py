@@ -121,7 +121,7 @@ class Service:
     def _estimate(self, entry: ModelEntry) -> int:
         if self.tiny:
             self._build_tiny(entry)
-        float_bytes = 2 if self.device.is_cuda and entry.dtype != "float32" else 4
+        float_bytes = self._float_bytes(entry)
         # A module may know better (llm: a model an Ollama daemon holds has no weights here).
         own = getattr(self._module(entry), "estimate", None)
         if own is not None and (size := own(entry, self._files(entry), float_bytes)) is not None:
@@ -300,8 +300,11 @@ class Service:
         own = getattr(module, "working_memory", None)
         if own is None or (self.tiny and self.settings.vram_budget is None):
             return 0
-        float_bytes = 2 if self.device.is_cuda and entry.dtype != "float32" else 4
-        return int(own(entry, request, float_bytes))
+        return int(own(entry, request, self._float_bytes(entry)))
+
+    def _float_bytes(self, entry: ModelEntry) -> int:
+        """Bytes per float at the entry's serving precision (CPU always runs float32)."""
+        return 2 if self.device.is_cuda and entry.dtype != "float32" else 4
 
     async def stream(self, module: types.ModuleType, s: Session) -> AsyncIterator[BaseModel]:
         """The module's chunks for an open session, holding the lane slot to the end."""
