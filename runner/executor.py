@@ -149,10 +149,11 @@ def as_inference_error(exc: BaseException) -> InferenceError:
 
 
 def free_device_memory() -> None:
+    """After an OOM the failed run's tensors may hang on its traceback's cycles: collect them,
+    then give the allocator's blocks back."""
     import gc
 
-    import torch
+    from runner.device import empty_cache
 
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    empty_cache()
