@@ -1,7 +1,8 @@
 """Build-time check of an image (no GPU needed): torch is the CUDA build of the version the
-constraints file pins, and every pipeline the image serves is servable here, its REQUIRES
-installed and importable. A failure stops the build instead of shipping an image whose
-runner would refuse its PIPELINE at start.
+constraints file pins, every pipeline the image serves is servable here, its REQUIRES
+installed and importable, and where a pipeline honours TORCH_COMPILE, torch.compile builds a
+kernel. A failure stops the build instead of shipping an image whose runner would refuse its
+PIPELINE at start, or fail its first compiled request.
 
     python docker/check_image.py --constraints constraints.txt text-to-image,upscale \
         [--import sam2 torchvision]
@@ -26,6 +27,22 @@ def pinned(constraints: Path, name: str) -> str | None:
         match = re.fullmatch(rf"\s*{re.escape(name)}\s*==\s*([^\s;#]+).*", line, re.IGNORECASE)
         if match:
             return match.group(1)
+    return None
+
+
+def compile_error() -> str | None:
+    """Why TORCH_COMPILE would fail here: one small function compiled by Inductor on the CPU
+    needs the same C toolchain and Python headers as Triton's launchers on the GPU."""
+    import torch
+
+    from runner.device import missing_compile_toolchain
+
+    if missing := missing_compile_toolchain():
+        return f"TORCH_COMPILE cannot work: {missing}"
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(8))
+    except Exception as exc:  # noqa: BLE001  (any failure is the answer)
+        return f"TORCH_COMPILE cannot work: torch.compile failed: {exc}"
     return None
 
 
@@ -63,6 +80,9 @@ def main() -> int:
             importlib.import_module(Requirement(spec).name)
     for name in args.imports:
         importlib.import_module(name)
+    if any(hasattr(served.get(name), "warm_up") for name in args.pipelines.split(",")):
+        errors.append(compile_error())
+    errors = [e for e in errors if e]
     if errors:
         print("image check failed:\n  " + "\n  ".join(errors), file=sys.stderr)
         return 1

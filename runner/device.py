@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import sysconfig
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,9 +42,29 @@ def resolve(requested: str, compile: bool = False) -> Device:
     CUDA is broken then fails the warm-up and /health says ERROR."""
     from runner.hardware import gpu_count
 
+    if compile and (missing := missing_compile_toolchain()):
+        log.warning("TORCH_COMPILE is ignored: %s. torch.compile builds its kernels with a C "
+                    "compiler against Python's headers (install gcc, g++ and python3-dev; the "
+                    "images have them); models run uncompiled.", missing)
+        compile = False
     if requested == "cpu" or (requested == "auto" and gpu_count() == 0):
         return Device("cpu", compile=compile)
     return Device("cuda", compile=compile)
+
+
+def missing_compile_toolchain() -> str | None:
+    """What torch.compile lacks here to build kernels, or None. Inductor compiles its CPU
+    kernels as C++ and Triton its GPU launchers as C, both against Python.h, at run time: a
+    container with only a Python runtime fails at the first compiled call, not at start."""
+    compilers = [os.environ.get("CC"), shutil.which("gcc"), shutil.which("clang")]
+    if not any(compilers):
+        return "no C compiler (gcc, clang or $CC)"
+    # the headers Triton includes (Debian's posix_local scheme has none of its own)
+    scheme = sysconfig.get_default_scheme()
+    include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)
+    if not os.path.isfile(os.path.join(include["include"], "Python.h")):
+        return f"no Python headers ({include['include']}/Python.h)"
+    return None
 
 
 def configure_for_cuda() -> None:

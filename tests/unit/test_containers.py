@@ -333,6 +333,19 @@ def test_each_image_checks_its_pipelines_and_constraints_at_build():
         assert f"--constraints {constraints_of(img).name} $PIPELINES" in checks[0]
 
 
+def test_images_whose_pipelines_compile_have_the_toolchain_torch_compile_needs():
+    # TORCH_COMPILE builds kernels at run time (gcc/g++ against Python.h); check_image.py
+    # compiles one at build time for the images that serve such a pipeline.
+    compiling = {n for n, m in MODULES.items() if hasattr(m, "warm_up")}
+    assert compiling, "no pipeline honours TORCH_COMPILE any more"
+    for name, img in IMAGES.items():
+        if not compiling & set(served(img)):
+            continue
+        packages = {word for run in img.runs() if "apt-get install" in run
+                    for word in run.split()}
+        assert {"gcc", "g++", "libc6-dev", "python3-dev"} <= packages, name
+
+
 def test_text_to_speech_has_its_own_environment():
     tts = IMAGES["text-to-speech"]
     assert constraints_of(tts).name == "constraints-tts.txt"
@@ -435,7 +448,11 @@ def test_the_build_context_holds_what_the_images_copy():
                 assert source == "." or (REPO_ROOT / source).exists(), source
 
 
-def test_image_helpers(tmp_path):
+def test_image_helpers(tmp_path, monkeypatch):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr("runner.device.shutil.which", lambda name: None)
+    assert check_image.compile_error() == ("TORCH_COMPILE cannot work: "
+                                           "no C compiler (gcc, clang or $CC)")
     assert check_image.pinned(REPO_ROOT / "constraints.txt", "torch") == "2.13.0"
     assert check_image.pinned(REPO_ROOT / "constraints.txt", "no-such-package") is None
     reqs = image_requirements.requirements(REPO_ROOT / "pyproject.toml", ["llm"])
