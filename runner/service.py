@@ -110,7 +110,7 @@ class Service:
 
     @property
     def mode(self) -> str:
-        return "tiny" if self.tiny else self.device.type
+        return "tiny" if self.tiny else "gpu" if self.device.is_cuda else "cpu"
 
     def _module(self, entry: ModelEntry) -> Any:
         return safety if entry.pipeline == "safety" else self.modules[entry.pipeline]

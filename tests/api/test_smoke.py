@@ -1,3 +1,5 @@
+import pytest
+
 from tests.conftest import decode_png_url, png_bytes
 
 
@@ -30,3 +32,19 @@ def test_the_readme_curl_works_without_a_json_content_type(t2i):
     assert r.status_code == 422
     r = t2i.post("/text-to-image", content=body, headers={"content-type": "text/plain"})
     assert r.status_code == 422
+
+
+def test_the_images_device_cuda_without_a_gpu_reports_error_and_still_answers(
+        app_client, make_settings, tmp_path):
+    """The images set DEVICE=cuda: on a host without a GPU the warm model cannot load, so
+    /health says ERROR (the HEALTHCHECK fails), and every status route still answers."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    client = app_client(make_settings(device="cuda", tiny=False, model_dir=tmp_path))
+    assert client.get("/health").json() == {"status": "ERROR"}
+    version = client.get("/version")
+    assert version.status_code == 200 and version.json()["mode"] == "gpu"
+    for path in ("/hardware/info", "/hardware/stats", "/models", "/metrics"):
+        assert client.get(path).status_code == 200, path
