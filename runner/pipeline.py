@@ -24,6 +24,7 @@ from typing import Any
 
 from fastapi import UploadFile
 from pydantic import BaseModel, TypeAdapter
+from starlette.datastructures import UploadFile as StarletteUpload
 
 from runner.registry import ModelEntry, Registry
 
@@ -89,6 +90,14 @@ def is_multipart(request: type[BaseModel]) -> bool:
         return any(has_upload(arg) for arg in typing.get_args(annotation))
 
     return any(has_upload(f.annotation) for f in request.model_fields.values())
+
+
+def rewind_uploads(request: BaseModel) -> None:
+    """Put every uploaded file back at its start: a run that is retried (after an out-of-memory
+    error) reads its uploads again, and the first attempt has read them to the end."""
+    for value in request.__dict__.values():
+        if isinstance(value, StarletteUpload):  # the form parser makes these, not fastapi's
+            value.file.seek(0)
 
 
 def with_defaults(request: BaseModel, entry: ModelEntry) -> BaseModel:

@@ -27,7 +27,7 @@ from runner.errors import ClientClosed
 from runner.executor import Executor, Lane
 from runner.hub import ModelFiles
 from runner.memory import CudaMemory, HostMemory
-from runner.pipeline import with_defaults
+from runner.pipeline import rewind_uploads, with_defaults
 from runner.registry import ModelEntry, Registry
 from runner.settings import Settings
 
@@ -281,6 +281,7 @@ class Service:
                 entry, estimate, s.deadline,
                 hint=hint and functools.partial(hint, entry, s.request)) as reserved:
             def run() -> BaseModel:
+                rewind_uploads(s.request)  # a retry after an OOM reads them again
                 result, reserved.peak = self.memory.measured(module.run, s.model, s.request,
                                                              s.ctx)
                 return result

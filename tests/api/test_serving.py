@@ -242,3 +242,28 @@ def test_a_client_that_goes_away_stops_its_run_and_frees_its_place(live_server, 
         r = http.post("/echo-image", files={"image": PNG})
         assert r.status_code == 200, r.text
     assert cancelled() == before + 1
+
+
+def test_a_run_retried_after_out_of_memory_reads_its_upload_again(echo, monkeypatch):
+    """The first attempt read the upload to its end before the OOM; the retry must see it
+    whole, not an empty file (a 400)."""
+    from tests.support import echo_pipeline
+
+    class OutOfMemoryError(RuntimeError):  # the name torch.cuda.OutOfMemoryError has
+        pass
+
+    attempts = []
+    real_run = echo_pipeline.run
+
+    def run_oom_once(model, request, ctx):
+        attempts.append(len(request.image.file.read()))
+        if len(attempts) == 1:
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        request.image.file.seek(0)
+        return real_run(model, request, ctx)
+
+    monkeypatch.setattr(echo_pipeline, "run", run_oom_once)
+    r = echo.post("/echo-image", files={"image": PNG})
+    assert r.status_code == 200, r.text
+    assert attempts == [len(PNG[1])] * 2
+    assert (r.json()["width"], r.json()["height"]) == (32, 24)
