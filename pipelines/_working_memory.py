@@ -21,11 +21,13 @@ MIB = 1 << 20
 
 
 def diffusion(samples: int, latent_pixels: int, decoded_pixels: int, float_bytes: int,
-              per_latent_pixel: int = UNET_BYTES_PER_LATENT_PIXEL) -> int:
-    """Denoising and decoding run one after the other: the larger of the two is the peak."""
-    unet = samples * latent_pixels * per_latent_pixel
-    vae = decoded_pixels * VAE_BYTES_PER_PIXEL
-    return max(unet, vae) * float_bytes // 2
+              per_latent_pixel: int = UNET_BYTES_PER_LATENT_PIXEL,
+              vae_float_bytes: int | None = None) -> int:
+    """Denoising and decoding run one after the other: the larger of the two is the peak.
+    `vae_float_bytes`: a VAE kept at another precision than the UNet (the x4 upscaler's)."""
+    unet = samples * latent_pixels * per_latent_pixel * float_bytes
+    vae = decoded_pixels * VAE_BYTES_PER_PIXEL * (vae_float_bytes or float_bytes)
+    return max(unet, vae) // 2
 
 
 def guided_batch(images: int, guidance_scale: float | None, branches: int = 2) -> int:

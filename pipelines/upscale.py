@@ -163,7 +163,9 @@ def working_memory(entry: ModelEntry, request: UpscaleParams, float_bytes: int) 
     # The x4 UNet denoises at the input's own resolution, guided (batch 2); the VAE decodes
     # 4x that per side, in tiles above the threshold (about one 512x512 tile's worth).
     decoded = min(out, 512 * 512) if needs_vae_tiling(4 * width, 4 * height, entry) else out
-    return wm.diffusion(2, width * height, decoded, float_bytes, wm.UPSCALER_BYTES_PER_PIXEL)
+    # load() keeps the VAE in float32 whatever the entry's dtype: its decode costs 4-byte floats.
+    return wm.diffusion(2, width * height, decoded, float_bytes, wm.UPSCALER_BYTES_PER_PIXEL,
+                        vae_float_bytes=4)
 
 
 def largest_fitting(entry: ModelEntry, request: UpscaleParams, fraction: float) -> str:

@@ -152,6 +152,20 @@ def test_tiling_decision_and_switch():
     assert not vae.use_tiling
 
 
+def test_working_memory_counts_the_float32_vae_at_four_bytes_per_float():
+    """load() keeps the x4 VAE in float32 even for a float16 entry, so its decode, the peak for
+    untiled outputs, costs as much at either serving precision."""
+    from pipelines import _working_memory as wm
+
+    class Upload:
+        file = io.BytesIO(noise_png(256, 256))
+
+    entry = ModelEntry(id="a/b", kind="sd-x4-upscaler", dtype="float16")
+    request = upscale.UpscaleParams.model_construct(image=Upload())
+    half, full = (upscale.working_memory(entry, request, b) for b in (2, 4))
+    assert half == full == 1024 * 1024 * wm.VAE_BYTES_PER_PIXEL * 2
+
+
 def test_undecodable_image_is_400(up):
     r = post(up, b"not an image")
     assert r.status_code == 400, r.text
