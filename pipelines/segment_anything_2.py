@@ -49,7 +49,7 @@ from pydantic import BaseModel, Field
 
 from pipelines import _working_memory as wm
 from pipelines._fields import ModelId
-from runner.device import Device
+from runner.device import Device, move_model
 from runner.errors import BadRequest, InferenceError, ModelLoadError
 from runner.hub import ModelFiles, writing_snapshot
 from runner.media import decode_image
@@ -247,6 +247,10 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
 
 class Segmenter:
     """A loaded SAM2 (either backend) and its embedding cache. `embed` runs the image encoder;
@@ -287,6 +291,11 @@ class Segmenter:
         self.embeddings.put(digest, embedding)
         return embedding
 
+    def forget_images(self) -> None:
+        """Drop the device tensors kept for images already seen (moving them is not worth it:
+        a miss recomputes them)."""
+        self.embeddings.clear()
+
     def embed(self, pixels: np.ndarray) -> Any:
         raise NotImplementedError
 
@@ -300,8 +309,6 @@ class TransformersSam2(Segmenter):
     Sam2Processor needs torchvision)."""
 
     def __init__(self, model: Any, model_id: str, device: Device, cache_size: int):
-        import torch
-
         config = model.config
         super().__init__(model_id, device, tuple(model.prompt_encoder.mask_input_size),
                          cache_size)
@@ -310,8 +317,6 @@ class TransformersSam2(Segmenter):
         self.prompt_size = int(config.prompt_encoder_config.image_size)  # point coordinates
         side = config.vision_config.backbone_config.image_size
         self.pixel_size = (side, side) if isinstance(side, int) else tuple(side)  # (h, w)
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device.torch).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=device.torch).view(1, 3, 1, 1)
 
     def embed(self, pixels: np.ndarray) -> list:
         import torch
@@ -323,7 +328,10 @@ class TransformersSam2(Segmenter):
         x = x.permute(2, 0, 1)[None].float() / 255.0
         x = F.interpolate(x, size=self.pixel_size, mode="bilinear", align_corners=False,
                           antialias=True)
-        x = ((x - self.mean) / self.std).to(self.dtype)
+        # made per call, not held: a tensor attribute would stay on the GPU when the cache
+        # moves the model to CPU RAM (only modules move)
+        mean, std = (x.new_tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        x = ((x - mean) / std).to(self.dtype)
         with self.autocast():
             return self.model.get_image_embeddings(x)
 
@@ -362,6 +370,11 @@ class OfficialSam2(Segmenter):
                          cache_size)
         self.predictor = predictor
         self._lock = threading.Lock()  # the predictor holds "the current image" as state
+
+    def forget_images(self) -> None:
+        super().forget_images()
+        with self._lock:
+            self.predictor.reset_predictor()  # it holds the last image's features
 
     def embed(self, pixels: np.ndarray) -> tuple:
         with self._lock, self.autocast():
@@ -770,6 +783,13 @@ def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
     model = tiny_transformers_model()
     with writing_snapshot(model_dir, entry.main.repo) as folder:
         model.save_pretrained(folder)
+
+
+def move(model: Segmenter, target: Any) -> None:
+    """The cache's demotion to CPU RAM and promotion back: the network moves, and the image
+    embeddings on the device are dropped, so a demotion frees all of the model's memory."""
+    model.forget_images()
+    move_model(model, target)
 
 
 def warm_up(model: Segmenter, entry: ModelEntry) -> None:

@@ -278,6 +278,23 @@ def test_the_kind_picks_the_loader_and_the_snapshot_decides_when_it_lacks_that_f
         sam2.load(default.model_copy(update={"kind": "sam"}), files, Device("cpu"))
 
 
+def test_a_move_leaves_no_tensor_of_the_model_behind(sam):
+    """The cache demotes a model by moving its modules: loose tensors and cached embeddings
+    would stay on the GPU and count as a leak."""
+    import torch
+
+    from runner.footprint import walk
+
+    service = sam.app.state.service
+    model = sam2.load(service.registry.default(sam2.NAME), ModelFiles(service.model_dir),
+                      Device("cpu"))
+    model.embeddings.put("an image", [torch.zeros(4)])
+    sam2.move(model, "cpu")
+    assert len(model.embeddings) == 0
+    assert [t for t in walk(model) if isinstance(t, torch.Tensor)] == []
+    assert model.embed(np.zeros((32, 48, 3), dtype=np.uint8))  # still works after the move
+
+
 @pytest.mark.skipif(importlib.util.find_spec("sam2") is None,
                     reason="the sam2 package (and torchvision) is only in the GPU image")
 def test_official_checkpoint_through_the_sam2_package(tmp_path):
@@ -294,6 +311,8 @@ def test_official_checkpoint_through_the_sam2_package(tmp_path):
     out = sam2.run(model, request, ctx)
     assert np.array(json.loads(out.masks)).shape == (3, HEIGHT, WIDTH)
     assert np.array(json.loads(out.logits)).shape == (3, LOW_RES, LOW_RES)
+    sam2.move(model, "cpu")  # a demotion drops the predictor's image state too
+    assert model.predictor._features is None and len(model.embeddings) == 0
 
 
 class FakeUpload:
