@@ -76,10 +76,12 @@ def finish_loading(pipe: Any, device: Device, scheduler: str | None,
 
 
 def fuse_attention(model: DiffusionModel) -> None:
-    """One matmul for q, k and v in every self-attention of the UNet and VAE, where the
-    pipeline supports it."""
-    if callable(getattr(model.pipe, "fuse_qkv_projections", None)):
+    """One matmul for q, k and v in every self-attention of the UNet and VAE (for k and v in
+    cross-attention), where the pipeline supports it."""
+    if not model.fused and callable(getattr(model.pipe, "fuse_qkv_projections", None)):
         model.pipe.fuse_qkv_projections()
+        for attn in _attentions(model.pipe):
+            _empty_separate_layers(attn)
         model.fused = True
 
 
@@ -87,8 +89,56 @@ def unfuse_attention(model: DiffusionModel) -> None:
     """LoRA adapters wrap the separate q, k, v layers, which fused attention bypasses: a model
     unfuses for good before its first adapter."""
     if model.fused:
-        model.pipe.unfuse_qkv_projections()
+        for attn in _attentions(model.pipe):
+            _split_fused_layers(attn)
+        model.pipe.unfuse_qkv_projections()  # diffusers' own processors back
         model.fused = False
+
+
+# The layers diffusers' fuse_projections concatenates (rows in this order) into each fused one;
+# FusedAttnProcessor2_0 reads only the fused ones, and to_q in cross-attention.
+FUSED_LAYERS = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v")}
+
+
+def _attentions(pipe: Any) -> Any:
+    from diffusers.models.attention_processor import Attention
+
+    for name in ("unet", "vae"):
+        if (module := getattr(pipe, name, None)) is not None:
+            yield from (m for m in module.modules() if isinstance(m, Attention))
+
+
+def _empty_separate_layers(attn: Any) -> None:
+    """diffusers keeps the separate layers beside their fused copy (+25 % UNet parameters on
+    SDXL, which the cache's size estimate from the files does not expect). They keep empty
+    parameters instead: those follow .to() moves like any other, and the layers' out_features
+    still say where to split the fused weights when unfusing."""
+    import torch
+
+    for fused, parts in FUSED_LAYERS.items():
+        if getattr(attn, fused, None) is not None:
+            for layer in (getattr(attn, part) for part in parts):
+                for name, p in list(layer.named_parameters(recurse=False)):
+                    empty = p.detach().new_empty((0, *p.shape[1:]))
+                    setattr(layer, name, torch.nn.Parameter(empty, p.requires_grad))
+
+
+def _split_fused_layers(attn: Any) -> None:
+    """The separate layers get their rows of the fused weights (copies, so nothing keeps the
+    fused storage alive) and the fused layer goes."""
+    import torch
+
+    for fused, parts in FUSED_LAYERS.items():
+        if (joined := getattr(attn, fused, None)) is None:
+            continue
+        layers = [getattr(attn, part) for part in parts]
+        with torch.no_grad():
+            for name, p in list(joined.named_parameters(recurse=False)):
+                pieces = p.split([layer.out_features for layer in layers])
+                for layer, piece in zip(layers, pieces, strict=True):
+                    setattr(layer, name, torch.nn.Parameter(piece.clone(), p.requires_grad))
+        delattr(attn, fused)
+        attn.fused_projections = False
 
 
 def warm_up(model: DiffusionModel, entry: ModelEntry) -> None:

@@ -149,34 +149,92 @@ def test_server_timing_names_each_stage(t2i):
     assert all(float(ms) >= 0 for ms in stages.values())
 
 
-def test_fused_attention_matches_and_unfuses_for_a_lora(tmp_path):
-    """On CUDA the UNet's q/k/v run fused; the outputs are the same, and a model unfuses
-    before its first LoRA (fused attention would bypass the adapter's layers). Run here on
-    CPU by calling the same functions the CUDA load path calls."""
+# -- fused attention ---------------------------------------------------------------------
+# On CUDA the UNet's and VAE's q/k/v run fused; run here on CPU by calling the same functions
+# the CUDA load path calls.
+
+def run_tiny(model):
+    import torch
+
+    with torch.inference_mode():
+        return model.pipe("a cat", width=64, height=64, num_inference_steps=2,
+                          guidance_scale=1.0, generator=torch.Generator().manual_seed(1),
+                          output_type="np").images
+
+
+def fresh_tiny_sd():
     import torch
 
     from runner.device import Device
+
+    torch.manual_seed(0)
+    return diffusion.DiffusionModel(diffusion.tiny_sd_pipeline(), Device("cpu"))
+
+
+def parameter_count(model):
+    return sum(p.numel() for name in ("unet", "vae")
+               for p in getattr(model.pipe, name).parameters())
+
+
+def assert_same_weights(model, plain):
+    """Unfused again means the plain model's layers and values, no fused copy left over."""
+    import torch
+
+    for name in ("unet", "vae"):
+        mine, theirs = (getattr(m.pipe, name).state_dict() for m in (model, plain))
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_fused_attention_matches_and_unfuses_for_a_lora(tmp_path):
+    """The outputs are the same, the fused layers replace the separate ones rather than
+    doubling them (the cache sizes a model from its files), and a model unfuses before its
+    first LoRA (fused attention would bypass the adapter's layers)."""
     from runner.hub import ModelFiles, writing_snapshot
-
-    def generate(model):
-        with torch.inference_mode():
-            return model.pipe("a cat", width=64, height=64, num_inference_steps=2,
-                              guidance_scale=1.0, generator=torch.Generator().manual_seed(1),
-                              output_type="np").images
-
-    def fresh():
-        torch.manual_seed(0)
-        return diffusion.DiffusionModel(diffusion.tiny_sd_pipeline(), Device("cpu"))
 
     with writing_snapshot(tmp_path, "test/fuse-lora") as folder:
         diffusion.write_tiny_lora(diffusion.tiny_sd_pipeline(), folder)
     files = ModelFiles(tmp_path)
-    plain, fused = fresh(), fresh()
+    plain, fused = fresh_tiny_sd(), fresh_tiny_sd()
     diffusion.fuse_attention(fused)
-    assert fused.fused
-    np.testing.assert_allclose(generate(fused), generate(plain), atol=1e-4)
+    assert fused.fused and hasattr(fused.pipe.unet.down_blocks[1].attentions[0]
+                                   .transformer_blocks[0].attn1, "to_qkv")
+    assert parameter_count(fused) == pytest.approx(parameter_count(plain), rel=0.01)
+    np.testing.assert_allclose(run_tiny(fused), run_tiny(plain), atol=1e-4)
+    diffusion.unfuse_attention(fused)
+    assert not fused.fused and parameter_count(fused) == parameter_count(plain)
+    assert_same_weights(fused, plain)
+    np.testing.assert_allclose(run_tiny(fused), run_tiny(plain), atol=1e-4)
+    diffusion.fuse_attention(fused)  # fused again, for the LoRA to unfuse
     for model in (plain, fused):
         diffusion.activate_loras(model, {"test/fuse-lora": 1.0}, files)
     assert not fused.fused
-    np.testing.assert_allclose(generate(fused), generate(plain), atol=1e-4)
-    assert not np.allclose(generate(plain), generate(fresh()), atol=1e-3)  # the LoRA acts
+    np.testing.assert_allclose(run_tiny(fused), run_tiny(plain), atol=1e-4)
+    assert not np.allclose(run_tiny(plain), run_tiny(fresh_tiny_sd()), atol=1e-3)  # it acts
+
+
+def test_fused_attention_survives_moves_between_dtypes_and_devices():
+    """The runner moves models with .to() (GPU and CPU RAM, fp16): a fused model still runs
+    after a round trip, stays small, and unfuses to the same weights as a plain model that
+    made the same trip."""
+    import torch
+
+    plain, fused = fresh_tiny_sd(), fresh_tiny_sd()
+    diffusion.fuse_attention(fused)
+    for model in (plain, fused):
+        model.pipe.to(torch.float16)
+    assert {p.dtype for p in fused.pipe.unet.parameters()} == {torch.float16}
+    for model in (plain, fused):
+        model.pipe.to("cpu", torch.float32)
+    assert parameter_count(fused) == pytest.approx(parameter_count(plain), rel=0.01)
+    np.testing.assert_allclose(run_tiny(fused), run_tiny(plain), atol=1e-4)
+    diffusion.unfuse_attention(fused)
+    assert_same_weights(fused, plain)
+    np.testing.assert_allclose(run_tiny(fused), run_tiny(plain), atol=1e-4)
+    # Shapes alone (the meta device) still split back to the separate layers' shapes.
+    meta = fresh_tiny_sd()
+    diffusion.fuse_attention(meta)
+    meta.pipe.unet.to("meta")
+    diffusion.unfuse_attention(meta)
+    shapes = {k: v.shape for k, v in meta.pipe.unet.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in plain.pipe.unet.state_dict().items()}
