@@ -152,6 +152,7 @@ class ModelCache:
         # Device-memory changes (loads, moves) in flight and ever started: a move's freed
         # bytes are only checked for a leak when nothing else changed the device meanwhile.
         self._changing = self._changes = 0
+        self._runs = 0  # reservations ever started: a move's leak check needs none meanwhile
         self._publish()
 
     # -- bookkeeping --------------------------------------------------------------------------
@@ -332,6 +333,7 @@ class ModelCache:
 
     async def _fill(self, slot: Slot, source: str) -> None:
         self._changing, self._changes = self._changing + 1, self._changes + 1
+        self._disturb_runs()
         try:
             if source == "host":
                 await anyio.to_thread.run_sync(self._loader.move, slot.entry, slot.model,
@@ -392,12 +394,10 @@ class ModelCache:
         nbytes, bucket = self.working_bytes(entry, estimate)
         if nbytes:
             await self._admit(slot, nbytes, deadline, hint)
-        r = Reservation(nbytes, bucket)
-        if self._reservations:
-            r.shared = True
-            for other in self._reservations:
-                other.shared = True
+        r = Reservation(nbytes, bucket, shared=bool(self._reservations or self._changing))
+        self._disturb_runs()
         self._reservations.add(r)
+        self._runs += 1
         slot.running += nbytes
         self._publish()
         try:
@@ -407,6 +407,12 @@ class ModelCache:
             slot.running -= nbytes
             self._learn(slot, r, estimate)
             self._notify()
+
+    def _disturb_runs(self) -> None:
+        """The device-wide peak a running request measures now includes someone else's bytes
+        (another run, a model loading, moving or being freed): it is not learned from."""
+        for r in self._reservations:
+            r.shared = True
 
     def _learn(self, slot: Slot, r: Reservation, estimate: int) -> None:
         learned = slot.learned
@@ -548,9 +554,12 @@ class ModelCache:
 
     async def _move_out(self, slot: Slot, target: str, reason: str) -> None:
         started = time.monotonic()
-        alone = self._changing == 0
+        # Alone: no load, move or run allocates meanwhile, so the bytes the allocator gives
+        # back are this model's.
+        alone = self._changing == 0 and not self._reservations
         self._changing, self._changes = self._changing + 1, self._changes + 1
-        serial = self._changes
+        serial, runs = self._changes, self._runs
+        self._disturb_runs()
         # Only bytes leaving this process's device allocation can leak: not a host-tier model's,
         # nor a daemon's (checked now: a dropped model is gone by the time it is verified).
         before = (self.memory.allocated() if alone and slot.tier == "device"
@@ -582,8 +591,9 @@ class ModelCache:
               model=slot.entry.id, bytes=freed, seconds=f"{seconds:.3f}",
               reason=reason.replace(" ", "_"))
         # Not when a pinned model's demotion failed (it freed nothing), nor when another
-        # load or move overlapped this one (their bytes would count as this one's).
-        if slot.tier != "device" and self._changes == serial:
+        # load, move or run overlapped this one (their bytes would count as this one's).
+        if slot.tier != "device" and (self._changes, self._runs) == (serial, runs) \
+                and not self._reservations:
             self._verify_freed(slot, before, freed)
         if slot.tier == "none" and slot.idle:
             self._forget(slot)

@@ -308,8 +308,11 @@ class Service:
         return 2 if self.device.is_cuda and entry.dtype != "float32" else 4
 
     async def stream(self, module: types.ModuleType, s: Session) -> AsyncIterator[BaseModel]:
-        """The module's chunks for an open session, holding the lane slot to the end."""
-        async with self.executor.turn(s.lane, s.deadline):
+        """The module's chunks for an open session, holding the lane slot and its working
+        memory to the end (a reservation also tells other runs their peaks are shared)."""
+        entry = s.ctx.entry
+        async with self.executor.turn(s.lane, s.deadline), self.cache.reserve(
+                entry, self.working_memory(module, entry, s.request), s.deadline):
             async for chunk in module.stream(s.model, s.request, s.ctx):
                 yield chunk
 

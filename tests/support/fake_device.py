@@ -66,6 +66,7 @@ class FakeDevice:
         self.total = total
         self.foreign = foreign
         self.leaked = 0  # bytes leaky unloads/moves left allocated
+        self.transient = 0  # what running requests hold right now (settable)
         self.models: list[FakeModel] = []  # every model not yet unloaded
         self.measurements = 0
         self._lock = threading.Lock()
@@ -79,8 +80,8 @@ class FakeDevice:
 
     def allocated(self) -> int | None:
         with self._lock:
-            return self.leaked + sum(m.nbytes for m in self.models
-                                     if not m.external and m.tier == "device")
+            return self.leaked + self.transient + sum(m.nbytes for m in self.models
+                                                      if not m.external and m.tier == "device")
 
     def measured(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, int | None]:
         result = fn(*args)

@@ -695,6 +695,25 @@ def test_measured_peak_corrects_the_next_reservation():
     asyncio.run(main())
 
 
+def test_a_run_during_which_another_model_loads_does_not_learn_its_peak():
+    """The device-wide peak of that run includes the loaded model's weights."""
+    fake = FakeLoader({"a": 10, "b": 10}, peaks={"a": 30})
+
+    async def main():
+        cache = fake.cache(budget=1000)
+        hold = asyncio.Event()
+        task = asyncio.ensure_future(run(cache, entry("a"), 50, hold=hold))
+        await eventually(lambda: cache.running_bytes == 50)
+        await touch(cache, entry("b"))
+        hold.set()
+        await task
+        assert 6 not in cache._learned["p:test/a"].peaks
+        await run(cache, entry("a"), 50)  # alone, it learns
+        assert cache._learned["p:test/a"].peaks[6] == 30
+
+    asyncio.run(main())
+
+
 # -- foreign memory, leaks, daemons --------------------------------------------------------------
 
 def test_foreign_growth_shrinks_the_budget_and_rebalance_moves_idle_models_out():
@@ -744,6 +763,30 @@ def test_unload_that_leaks_is_counted_against_the_budget():
         device.foreign = 10
         await cache.rebalance()  # 70 on 60: c, the least recently used, goes
         assert tiers(cache) == {"d": "device"} and cache.free == 20
+
+    asyncio.run(main())
+
+
+def test_memory_a_run_allocates_during_an_eviction_is_not_a_leak():
+    device = FakeDevice()
+    fake = FakeLoader({"busy": 10, "x": 40, "y": 60}, device=device)
+
+    async def main():
+        cache = fake.cache(budget=100)
+        await touch(cache, entry("x"))
+        hold = asyncio.Event()
+        task = asyncio.ensure_future(run(cache, entry("busy"), 0, hold=hold))
+        await eventually(lambda: bool(cache._reservations))
+        gate, started = fake.block("x", "unload")
+        load_y = asyncio.ensure_future(touch(cache, entry("y")))  # x has to go
+        await wait_for_thread_event(started, "the unload")
+        device.transient = 20  # the running request allocates meanwhile
+        gate.set()
+        await load_y
+        assert tiers(cache) == {"busy": "device", "y": "device"}
+        assert cache.leaked == 0
+        hold.set()
+        await task
 
     asyncio.run(main())
 
