@@ -38,9 +38,9 @@ class Device:
 
 
 def resolve(requested: str, compile: bool = False) -> Device:
-    """NVML decides `auto` without importing torch, so the port binds at once; a GPU whose
-    CUDA is broken then fails the warm-up and /health says ERROR."""
-    from runner.hardware import gpu_count
+    """NVML and torch's metadata decide `auto` without importing torch, so the port binds at
+    once; a GPU whose CUDA is broken then fails the warm-up and /health says ERROR."""
+    from runner.hardware import gpu_count, torch_is_cpu_build
 
     if compile and (missing := missing_compile_toolchain()):
         log.warning("TORCH_COMPILE is ignored: %s. torch.compile builds its kernels with a C "
@@ -48,6 +48,10 @@ def resolve(requested: str, compile: bool = False) -> Device:
                     "images have them); models run uncompiled.", missing)
         compile = False
     if requested == "cpu" or (requested == "auto" and gpu_count() == 0):
+        return Device("cpu", compile=compile)
+    if requested == "auto" and torch_is_cpu_build():
+        # A CPU wheel cannot use the GPU NVML sees: every load would fail, so serve on CPU.
+        log.warning("DEVICE=auto: NVML sees a GPU but torch is a CPU build; serving on CPU")
         return Device("cpu", compile=compile)
     return Device("cuda", compile=compile)
 

@@ -46,6 +46,7 @@ class CudaMemory:
 
         from runner.hardware import gpu_used
 
+        # gpu_used maps torch's index to NVML's (NVML ignores CUDA_VISIBLE_DEVICES)
         used = gpu_used(self.index)
         if used is None:
             return 0

@@ -158,13 +158,12 @@ class Service:
 
     def _budget(self) -> int:
         """VRAM_BUDGET, or the device total minus the reserve. Known before any request:
-        NVML answers without importing torch (one GPU per container: the first it sees)."""
+        NVML answers without importing torch (about torch's cuda:index, CUDA_VISIBLE_DEVICES
+        and MIG included)."""
         if self.settings.vram_budget is not None:
             return int(self.settings.vram_budget)
-        gpus = hardware.gpu_info() if self.device.is_cuda else {}
-        if gpus:
-            total = next(iter(gpus.values()))["memory_total"]
-        else:
+        total = hardware.gpu_total(self.device.index) if self.device.is_cuda else None
+        if total is None:
             import psutil
 
             total = psutil.virtual_memory().total

@@ -51,3 +51,34 @@ def test_the_toolchain_is_not_checked_when_compile_is_off(toolchain, monkeypatch
     with caplog.at_level(logging.WARNING, logger="runner.device"):
         assert devices.resolve("cpu") == devices.Device("cpu")
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize(("version", "expected"), [
+    ("2.13.0+cpu", "cpu"), ("2.1.0+cpu.cxx11.abi", "cpu"),
+    ("2.13.0", "cuda"), ("2.13.0+cu130", "cuda"),
+])
+def test_auto_serves_on_cpu_when_torch_is_a_cpu_build(monkeypatch, caplog, version, expected):
+    """A CPU wheel beside a GPU would fail every load; `auto` reads the wheel's metadata."""
+    from runner import hardware
+
+    monkeypatch.setattr(hardware, "gpu_count", lambda: 1)
+    monkeypatch.setattr(hardware.metadata, "version",
+                        lambda name: version if name == "torch" else "0")
+    with caplog.at_level(logging.WARNING, logger="runner.device"):
+        assert devices.resolve("auto").type == expected
+    assert ("torch is a CPU build" in caplog.text) == (expected == "cpu")
+    # an explicit DEVICE is obeyed
+    assert devices.resolve("cuda").type == "cuda"
+
+
+def test_auto_without_torch_metadata_trusts_nvml(monkeypatch):
+    from runner import hardware
+
+    def missing(name):
+        raise hardware.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(hardware, "gpu_count", lambda: 1)
+    monkeypatch.setattr(hardware.metadata, "version", missing)
+    assert devices.resolve("auto").type == "cuda"
+    monkeypatch.setattr(hardware, "gpu_count", lambda: 0)
+    assert devices.resolve("auto").type == "cpu"
