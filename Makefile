@@ -37,7 +37,7 @@ serve-tts: install-tts
 
 test: install install-tts
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
-	OMP_NUM_THREADS=1 $(TTS_PY) -m pytest -q tests/tts
+	OMP_NUM_THREADS=1 $(TTS_PY) -m pytest -q tests/tts tests/api/test_cuda_branches_on_cpu.py
 
 # Exit 5 means pytest collected nothing: no CUDA on this machine, which is not a failure.
 test-gpu: install
