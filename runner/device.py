@@ -87,6 +87,17 @@ def configure_for_tiny() -> None:
     torch.set_num_threads(1)
 
 
+def cuda_total(index: int) -> int | None:
+    """Device bytes as CUDA reports them, when NVML cannot say (no NVML library, a device it
+    cannot match): imports torch and starts CUDA, so it is the fallback, not the way."""
+    try:
+        import torch
+
+        return int(torch.cuda.get_device_properties(index).total_memory)
+    except Exception:  # noqa: BLE001  (no driver, no such device: the caller falls back)
+        return None
+
+
 def empty_cache() -> None:
     """Give the allocator's cached blocks back to the device, so others (and NVML) see them."""
     import torch

@@ -162,7 +162,9 @@ class Service:
         and MIG included)."""
         if self.settings.vram_budget is not None:
             return int(self.settings.vram_budget)
-        total = hardware.gpu_total(self.device.index) if self.device.is_cuda else None
+        total = None
+        if self.device.is_cuda:
+            total = hardware.gpu_total(self.device.index) or devices.cuda_total(self.device.index)
         if total is None:
             import psutil
 

@@ -170,5 +170,8 @@ def test_the_budget_is_the_runners_own_gpu_or_mig_slice(nvml, monkeypatch, tmp_p
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", MIG)
     assert budget() == 9 * GIB  # the slice's 10 GiB, not the whole card's 80
-    nvml.unsupported.add("memory")
-    assert budget() > 0  # NVML cannot say: host RAM, as without a GPU
+    nvml.unsupported.add("memory")  # NVML cannot say: CUDA's own figure
+    monkeypatch.setattr("runner.device.cuda_total", lambda index: 24 * GIB)
+    assert budget() == 23 * GIB
+    monkeypatch.setattr("runner.device.cuda_total", lambda index: None)
+    assert budget() > 0  # nor can CUDA (no driver): host RAM, as without a GPU
