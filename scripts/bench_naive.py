@@ -1,9 +1,10 @@
 """The naive baseline for scripts/bench.py --naive: each pipeline's plain library default path
-on the same weights folder the runner served, in the same process: `from_pretrained` at the
-library's default dtype (float32), its default attention, no batching, no caches, outputs
-encoded as a plain server would (PNG at PIL's default compression, json.dumps). The request's
-settings (size, steps, guidance) are the ones the runner ran with, so the ratio compares
-implementations, not settings. No runner code runs here except argument filtering."""
+on the same weights folder the runner served, in the same process: `from_pretrained` in
+float32 (asked for explicitly: a float16 snapshot would otherwise load some parts at half),
+the library's default attention, no batching, no caches, outputs encoded as a plain server
+would (PNG at PIL's default compression, json.dumps). The request's settings (size, steps,
+guidance) are the ones the runner ran with, so the ratio compares implementations, not
+settings. No runner code runs here except argument filtering."""
 
 from __future__ import annotations
 
@@ -55,7 +56,22 @@ def png(image: Any) -> bytes:
     return buf.getvalue()
 
 
-def quiet(pipe: Any) -> Any:
+def float32() -> dict[str, Any]:
+    """The libraries' float32, asked for explicitly: a snapshot saved in float16 otherwise
+    loads its transformers parts at the config's dtype (transformers 5's "auto"), beside a
+    float32 UNet (a dtype error) or as a half-precision "naive" baseline."""
+    import torch
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype" if major >= 5 else "torch_dtype": torch.float32}
+
+
+def diffusers_pipe(cls: Any, c: Context) -> Any:
+    """A diffusers pipeline from the folder, in float32 on the device, without progress bars."""
+    import torch
+
+    pipe = cls.from_pretrained(c.folder, dtype=torch.float32).to(c.device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -63,7 +79,7 @@ def quiet(pipe: Any) -> Any:
 def text_to_image(c: Context) -> Run:
     from diffusers import AutoPipelineForText2Image
 
-    pipe = quiet(AutoPipelineForText2Image.from_pretrained(c.folder).to(c.device))
+    pipe = diffusers_pipe(AutoPipelineForText2Image, c)
     size = c.value("width", c.options.size)
     args = dict(prompt=bench_inputs.PROMPT, width=size, height=size,
                 num_inference_steps=c.value("num_inference_steps", c.options.steps, 50),
@@ -78,7 +94,7 @@ def image_to_image(c: Context) -> Run:
     from pipelines._diffusion import accepted
 
     cls = DiffusionPipeline if c.entry.kind == "pix2pix" else AutoPipelineForImage2Image
-    pipe = quiet(cls.from_pretrained(c.folder).to(c.device))
+    pipe = diffusers_pipe(cls, c)
     args = accepted(pipe, dict(
         prompt="make it snowy", image=c.image(),
         num_inference_steps=c.value("num_inference_steps", c.options.steps, 50),
@@ -91,7 +107,7 @@ def image_to_image(c: Context) -> Run:
 def image_to_video(c: Context) -> Run:
     from diffusers import StableVideoDiffusionPipeline
 
-    pipe = quiet(StableVideoDiffusionPipeline.from_pretrained(c.folder).to(c.device))
+    pipe = diffusers_pipe(StableVideoDiffusionPipeline, c)
     image = c.image()
     args = dict(width=c.value("width", c.options.size, 1024),
                 height=c.value("height", c.options.size, 576),
@@ -106,7 +122,7 @@ def image_to_video(c: Context) -> Run:
 def upscale(c: Context) -> Run:
     from diffusers import StableDiffusionUpscalePipeline
 
-    pipe = quiet(StableDiffusionUpscalePipeline.from_pretrained(c.folder).to(c.device))
+    pipe = diffusers_pipe(StableDiffusionUpscalePipeline, c)
     image = c.image()
     steps = c.value("num_inference_steps", c.options.steps, 75)
     return lambda i: [png(im) for im in pipe(prompt=bench_inputs.PROMPT, image=image,
@@ -119,7 +135,8 @@ def audio_to_text(c: Context) -> Run:
     import soundfile
     from transformers import pipeline
 
-    asr = pipeline("automatic-speech-recognition", model=str(c.folder), device=c.device)
+    asr = pipeline("automatic-speech-recognition", model=str(c.folder), device=c.device,
+                   **float32())
     samples, rate = soundfile.read(io.BytesIO(c.calls(0).files["audio"][1]), dtype="float32")
     audio = {"raw": np.asarray(samples), "sampling_rate": rate}
     return lambda i: json.dumps(asr(dict(audio), return_timestamps=True))
@@ -129,7 +146,8 @@ def image_to_text(c: Context) -> Run:
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
     processor = BlipProcessor.from_pretrained(c.folder)
-    model = BlipForConditionalGeneration.from_pretrained(c.folder).to(c.device).eval()
+    model = BlipForConditionalGeneration.from_pretrained(c.folder, **float32()).to(c.device)
+    model.eval()
     image = c.image()
     tokens = int(c.entry.options.get("max_new_tokens", 50))
 
@@ -183,7 +201,8 @@ def text_to_speech(c: Context) -> Run:
     from parler_tts import ParlerTTSForConditionalGeneration
     from transformers import AutoTokenizer
 
-    model = ParlerTTSForConditionalGeneration.from_pretrained(c.folder).to(c.device).eval()
+    model = ParlerTTSForConditionalGeneration.from_pretrained(c.folder, **float32())
+    model.to(c.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(c.folder)
     description = tokenizer(bench_inputs.DESCRIPTION, return_tensors="pt").to(c.device)
     text = tokenizer(bench_inputs.SPEECH, return_tensors="pt").to(c.device)
@@ -202,7 +221,7 @@ def llm(c: Context) -> Run:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(c.folder)
-    model = AutoModelForCausalLM.from_pretrained(c.folder).to(c.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(c.folder, **float32()).to(c.device).eval()
     prompt = tokenizer.apply_chat_template(c.calls(0).json["messages"], add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True).to(c.device)
     tokens = c.options.max_tokens

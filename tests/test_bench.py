@@ -59,3 +59,34 @@ def test_full_size_refuses_without_cuda(tmp_path):
     assert result.returncode != 0
     assert "--full-size" in result.stderr and "GPU" in result.stderr and "--force" in result.stderr
     assert not (tmp_path / "tiny").exists()  # refused before building or serving anything
+
+
+def test_the_naive_baseline_runs_in_float32_from_half_precision_snapshots(tmp_path):
+    """The full-size snapshots are saved at the serving dtype (float16): the naive path must
+    still load float32 everywhere, or a float16 text encoder meets a float32 UNet."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_inputs
+    import bench_naive
+
+    from pipelines import _diffusion as diffusion
+    from pipelines.image_to_text import tiny_captioner
+    from runner.registry import ModelEntry
+
+    sd = diffusion.tiny_sd_pipeline().to(torch.float16)
+    diffusion.save_pipeline(sd, tmp_path / "sd")
+    blip, processor = tiny_captioner()
+    blip.to(torch.float16).save_pretrained(tmp_path / "blip")
+    processor.save_pretrained(tmp_path / "blip")
+    image = bench_inputs.Call("/image-to-text", files={
+        "image": ("a.png", bench_inputs.noise_png(32, 32), "image/png")})
+    options = bench_inputs.Options(size=64, steps=1)
+    contexts = {pipeline: bench_naive.Context(
+        pipeline, ModelEntry(id="a/b", kind="sd", pipeline=pipeline), tmp_path / folder, "cpu",
+        options, lambda i: image) for pipeline, folder in (("text-to-image", "sd"),
+                                                            ("image-to-text", "blip"))}
+    for pipeline, c in contexts.items():
+        assert bench_naive.NAIVE[pipeline](c)(0)
+    loaded = bench_naive.diffusers_pipe(type(sd), contexts["text-to-image"])
+    assert {p.dtype for p in loaded.text_encoder.parameters()} == {torch.float32}
