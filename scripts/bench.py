@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -350,10 +351,36 @@ def bench_one(pipeline: str, args: argparse.Namespace, weights: Path | None,
         run = serve_and_time(plan)
     except (ValueError, RunnerError, SystemExit) as exc:  # a bad --model; nothing to build
         return {"pipeline": pipeline, "error": getattr(exc, "msg", None) or str(exc)}
+    except Exception as exc:  # noqa: BLE001  (an OOM building or serving: the next one runs)
+        log(traceback.format_exc())
+        release_memory()
+        return {"pipeline": pipeline, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     release_memory()
     if args.naive and "error" not in run:
         run = with_naive(run, plan)
     return run
+
+
+def save(report: dict[str, Any], args: argparse.Namespace) -> None:
+    modes = sorted({run["mode"] for run in report["runs"] if "mode" in run})
+    report["environment"] = environment("full-size" if args.full_size else ", ".join(modes))
+    if args.json:
+        bench_report.write_json(report, args.json)
+        log(f"wrote {args.json}")
+
+
+def cache_costs(args: argparse.Namespace) -> dict:
+    """The cache's own costs on the environment's models (tiny ones in tiny mode); a model
+    that will not load is reported, not raised, so the report still gets written."""
+    import bench_cache
+
+    pipeline = pipelines_to_run(args.pipeline)[0]
+    model = args.cold_model if args.cold_model != "auto" else COLD_MODEL
+    try:
+        return bench_cache.measure(pipeline, {}, model=model)
+    except Exception as exc:  # noqa: BLE001
+        log(f"cache costs not measured: {type(exc).__name__}: {exc}")
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,19 +405,16 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if temporary:
                 shutil.rmtree(weights, ignore_errors=True)
-    modes = sorted({run["mode"] for run in report["runs"] if "mode" in run})
-    report["environment"] = environment("full-size" if args.full_size else ", ".join(modes))
+        # after every pipeline: a run cut short (a time limit) keeps what finished
+        save(report, args)
     print(bench_report.render(report))
     if args.cache:
-        import bench_cache
+        report["cache"] = cache_costs(args)
+        if "error" not in report["cache"]:
+            import bench_cache
 
-        pipeline = pipelines_to_run(args.pipeline)[0]
-        report["cache"] = bench_cache.measure(pipeline, {}, model=args.cold_model
-                                              if args.cold_model != "auto" else COLD_MODEL)
-        print("\n" + bench_cache.render(report["cache"]))
-    if args.json:
-        bench_report.write_json(report, args.json)
-        log(f"wrote {args.json}")
+            print("\n" + bench_cache.render(report["cache"]))
+        save(report, args)
     failed = [r["pipeline"] for r in report["runs"]
               if "error" in r or r["first"]["status"] != 200 or r["steady"]["failed"]]
     if failed:

@@ -90,3 +90,25 @@ def test_the_naive_baseline_runs_in_float32_from_half_precision_snapshots(tmp_pa
         assert bench_naive.NAIVE[pipeline](c)(0)
     loaded = bench_naive.diffusers_pipe(type(sd), contexts["text-to-image"])
     assert {p.dtype for p in loaded.text_encoder.parameters()} == {torch.float32}
+
+
+def test_a_pipeline_that_fails_does_not_lose_the_others(tmp_path, monkeypatch):
+    """A GPU run is paid for by the minute: an out-of-memory error in one pipeline is its
+    result, the next pipeline still runs, and the JSON on disk grows after each one."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    served = []
+
+    def serve_and_time(plan):
+        served.append(plan.pipeline)
+        assert (tmp_path / "b.json").exists() == (len(served) > 1)
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(bench, "serve_and_time", serve_and_time)
+    code = bench.main(["--pipeline", "text-to-image,image-to-image", "--json",
+                       str(tmp_path / "b.json")])
+    assert code == 1 and served == ["text-to-image", "image-to-image"]
+    runs = json.loads((tmp_path / "b.json").read_text())["runs"]
+    assert [r["error"] for r in runs] == ["RuntimeError: CUDA out of memory. Tried to allocate "
+                                          "20.00 GiB"] * 2
