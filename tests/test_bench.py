@@ -112,3 +112,17 @@ def test_a_pipeline_that_fails_does_not_lose_the_others(tmp_path, monkeypatch):
     runs = json.loads((tmp_path / "b.json").read_text())["runs"]
     assert [r["error"] for r in runs] == ["RuntimeError: CUDA out of memory. Tried to allocate "
                                           "20.00 GiB"] * 2
+
+
+def test_the_gpu_machine_wheels_are_the_pinned_versions():
+    from packaging.utils import canonicalize_name
+
+    def pins(path: Path) -> dict[str, str]:
+        lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+        return {canonicalize_name(name): version for name, _, version in
+                (line.partition("==") for line in lines if "==" in line)}
+
+    wanted = pins(ROOT / "scripts" / "gpu-machine-wheels.txt")
+    pinned = pins(ROOT / "constraints.txt")
+    assert {"diffusers", "fastapi", "transformers", "av"} <= set(wanted)
+    assert {name: v for name, v in wanted.items() if pinned.get(name) != v} == {}
