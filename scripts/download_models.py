@@ -34,11 +34,9 @@ missing, what is missing and the exact command that fetches it; it exits 1 if an
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import re
-import shlex
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -46,18 +44,18 @@ from pathlib import Path
 
 from _common import ROOT, Registry, discover
 
-from runner.hub import find_snapshot
+from runner import checkpoints
+from runner.checkpoints import (
+    SKIPPED_COMPONENTS,
+    components,
+    fetch_command,
+    ollama_problems,
+    snapshot_problems,
+)
 from runner.registry import ModelEntry, Source
 
-SCRIPT = "scripts/download_models.py"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 CONFIG_SUFFIXES = (".json", ".txt", ".model")
-# diffusers repos that bundle the SD safety checker: the loaders pass safety_checker=None and
-# the runner checks images with its own (models.yaml `safety_checker`), so it is never fetched.
-SKIPPED_COMPONENTS = ("safety_checker",)
 IGNORE_PATTERNS = [f"{name}/*" for name in SKIPPED_COMPONENTS]
-# model_index.json classes that hold no weights
-NO_WEIGHTS = re.compile(r"(Tokenizer|TokenizerFast|Scheduler|Processor|FeatureExtractor)$")
 LLM_BACKENDS = ("transformers", "ollama")
 DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
 
@@ -82,17 +80,6 @@ def fetch_for(entry: ModelEntry, source: Source) -> Fetch:
     if source.allow_patterns is not None:
         return Fetch(source.repo, source.revision, allow_patterns=tuple(source.allow_patterns))
     return Fetch(source.repo, source.revision, variant=entry.variant)
-
-
-def components(model_index: dict) -> dict[str, str]:
-    """Folder -> class name of each component model_index.json lists (skipping `null`s)."""
-    out = {}
-    for name, value in model_index.items():
-        if name.startswith("_") or not isinstance(value, list) or len(value) != 2:
-            continue
-        if value[0] is not None and value[1] is not None:
-            out[name] = str(value[1])
-    return out
 
 
 def pick_weights(names: list[str], variant: str | None) -> list[str]:
@@ -162,60 +149,6 @@ def download(fetch: Fetch, model_dir: Path, token: str | None) -> None:
                       allow_patterns=patterns, ignore_patterns=IGNORE_PATTERNS, token=token)
 
 
-# -- what is on disk (offline) -------------------------------------------------------------------
-
-def snapshot_problems(entry: ModelEntry, source: Source, model_dir: Path) -> list[str]:
-    folder = find_snapshot(model_dir, source.repo, source.revision)
-    if folder is None:
-        return [f"{source.repo} is not in {model_dir}"]
-    if source.file:
-        return [] if (folder / source.file).is_file() else [f"{source.repo}/{source.file}"]
-    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
-    problems = []
-    for pattern in source.allow_patterns or ():
-        if pattern.endswith(WEIGHT_SUFFIXES) and not any(fnmatch.fnmatch(f, pattern)
-                                                         for f in files):
-            problems.append(f"{source.repo}: no file matches {pattern}")
-    if "model_index.json" in files:
-        model_index = json.loads((folder / "model_index.json").read_text())
-        supplied = set(entry.components)  # e.g. a Lightning UNet replaces the base's unet
-        for name, cls in components(model_index).items():
-            if name in SKIPPED_COMPONENTS or name in supplied:
-                continue
-            present = [f for f in files if f.startswith(f"{name}/")]
-            if not present:
-                problems.append(f"{source.repo}: {name}/ is missing")
-            elif not NO_WEIGHTS.search(cls) and not any(f.endswith(WEIGHT_SUFFIXES)
-                                                         for f in present):
-                problems.append(f"{source.repo}: {name}/ has no weights")
-    elif not problems and not any(f.endswith(WEIGHT_SUFFIXES) for f in files):
-        problems.append(f"{source.repo}: no weights in the snapshot")
-    return problems
-
-
-def ollama_manifest(ollama_dir: Path, tag: str) -> Path:
-    """Where the Ollama daemon keeps a pulled model's manifest (`llama3.1:8b` ->
-    manifests/registry.ollama.ai/library/llama3.1/8b)."""
-    name, _, version = tag.rpartition(":") if ":" in tag.rsplit("/", 1)[-1] else (tag, "", "")
-    parts = name.split("/")
-    if len(parts) == 1:
-        parts = ["registry.ollama.ai", "library", *parts]
-    elif len(parts) == 2:
-        parts = ["registry.ollama.ai", *parts]
-    return ollama_dir.joinpath("manifests", *parts, version or "latest")
-
-
-def ollama_problems(tag: str, ollama_dir: Path) -> list[str]:
-    manifest = ollama_manifest(ollama_dir, tag)
-    if not manifest.is_file():
-        return [f"Ollama model {tag} is not in {ollama_dir}"]
-    data = json.loads(manifest.read_text())
-    layers = [data.get("config", {}), *data.get("layers", [])]
-    missing = [layer["digest"] for layer in layers if layer.get("digest") and not
-               (ollama_dir / "blobs" / layer["digest"].replace(":", "-")).is_file()]
-    return [f"Ollama model {tag}: blob {d} is missing" for d in missing]
-
-
 def ollama_pull(tag: str, host: str) -> None:
     import ollama
     from tqdm.auto import tqdm
@@ -265,20 +198,10 @@ def select(registry: Registry, pipeline: str, models: list[str] | None) -> list[
     return entries
 
 
-def fetch_command(models: list[str], model_dir: Path, llm_backend: str | None) -> str:
-    args = ["python", SCRIPT]
-    for model in models:
-        args += ["--model", model]
-    args += ["--model-dir", str(model_dir)]
-    if llm_backend:
-        args += ["--llm-backend", llm_backend]
-    return shlex.join(args)
-
-
 def entry_problems(entry: ModelEntry, tag: str | None, args: argparse.Namespace) -> list[str]:
     if tag:
         return ollama_problems(tag, args.ollama_models)
-    return [p for s in entry.sources() for p in snapshot_problems(entry, s, args.model_dir)]
+    return checkpoints.entry_problems(entry, args.model_dir)
 
 
 def fetch_entry(entry: ModelEntry, tag: str | None, args: argparse.Namespace,

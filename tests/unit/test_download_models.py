@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import struct
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ import huggingface_hub
 import pytest
 from huggingface_hub.utils import filter_repo_objects
 
+from runner import checkpoints
 from runner.errors import ModelLoadError
 from runner.hub import ModelFiles, writing_snapshot
 from runner.registry import Registry
@@ -39,11 +41,18 @@ def run(capsys, *argv: str) -> tuple[int, str]:
     return rc, captured.out + captured.err
 
 
+EMPTY_SAFETENSORS = struct.pack("<Q", 2) + b"{}"  # a whole file that holds no tensor
+
+
 def write(model_dir: Path, repo: str, files: dict[str, str]) -> None:
+    """A snapshot of `files`; a `.safetensors` name gets a whole (empty) safetensors file."""
     with writing_snapshot(model_dir, repo) as folder:
         for name, text in files.items():
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            (folder / name).write_text(text)
+            if name.endswith(".safetensors"):
+                (folder / name).write_bytes(EMPTY_SAFETENSORS)
+            else:
+                (folder / name).write_text(text)
 
 
 # -- a fake hub: repository listings shaped like the real ones ----------------------------------
@@ -342,11 +351,11 @@ def test_offline_mode_of_the_images_does_not_stop_a_download(tmp_path, capsys, m
     ("hf.co/org/repo:Q4_K_M", "hf.co/org/repo/Q4_K_M"),
 ])
 def test_ollama_manifest_paths(tmp_path, tag, path):
-    assert dm.ollama_manifest(tmp_path, tag) == tmp_path / "manifests" / path
+    assert checkpoints.ollama_manifest(tmp_path, tag) == tmp_path / "manifests" / path
 
 
 def pulled(ollama_dir: Path, tag: str, blobs: bool = True) -> None:
-    manifest = dm.ollama_manifest(ollama_dir, tag)
+    manifest = checkpoints.ollama_manifest(ollama_dir, tag)
     manifest.parent.mkdir(parents=True, exist_ok=True)
     digests = [f"sha256:{tag.replace(':', '').replace('.', '')}{i}" for i in range(2)]
     manifest.write_text(json.dumps({"config": {"digest": digests[0]},
@@ -363,7 +372,7 @@ def test_check_reads_ollama_models_from_the_model_folder(tmp_path, capsys, monke
     for model_id, tag in tags.items():
         pulled(tmp_path / "ollama", tag, blobs=model_id != "google/gemma-2-9b-it")
     del_tag = tags["Qwen/Qwen2.5-7B-Instruct"]
-    dm.ollama_manifest(tmp_path / "ollama", del_tag).unlink()
+    checkpoints.ollama_manifest(tmp_path / "ollama", del_tag).unlink()
     rc, out = run(capsys, "--check", "--pipeline", "llm", "--model-dir", str(tmp_path))
     assert rc == 1
     assert re.search(r"present\s+llm\s+meta-llama/Meta-Llama-3.1-8B-Instruct \(Ollama", out)
