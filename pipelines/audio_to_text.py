@@ -37,6 +37,8 @@ from runner.registry import ModelEntry
 
 NAME = "audio-to-text"
 REQUIRES = ("transformers>=4.56", "av")
+# go-livepeer's client decodes 413 and 415 on this route (an upload too large, undecodable audio).
+ERROR_STATUSES = (400, 401, 413, 415, 422, 500)
 RATE = 16_000  # Whisper's feature extractor works at 16 kHz
 DEFAULT_MAX_SECONDS = 2 * 60 * 60
 DEFAULT_CHUNK_LENGTH_S = 30

@@ -45,6 +45,8 @@ from runner.registry import ModelEntry
 
 NAME = "image-to-text"
 REQUIRES = ("transformers>=4.56",)
+# go-livepeer's client decodes 413 on this route (an upload too large).
+ERROR_STATUSES = (400, 401, 413, 422, 500)
 MAX_PROMPT_CHARS = 1000  # the real models read at most 512 tokens, caption included
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_BATCH_WINDOW_MS = 10.0

@@ -35,17 +35,16 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 from pydantic import (
     BaseModel,
     Field,
-    SerializerFunctionWrapHandler,
     field_validator,
-    model_serializer,
 )
 
+from runner import checkpoints
 from runner.device import Device
 from runner.errors import (
     BadRequest,
@@ -56,6 +55,7 @@ from runner.errors import (
     Unavailable,
 )
 from runner.hub import ModelFiles, writing_snapshot
+from runner.protocol import LLMChoice, LLMMessage, LLMResponse, LLMTokenUsage
 from runner.registry import ModelEntry
 
 NAME = "llm"
@@ -63,6 +63,9 @@ OPERATION_ID = "genLLM"
 SUMMARY = "LLM"
 OPENAI_CHAT = True  # runner/openai.py serves this module as /v1/chat/completions
 REQUIRES = ("ollama", "transformers>=4.56")
+# go-livepeer's worker reads only these on /llm: a 422 it decodes but answers its client as
+# "200 null" (ai/worker/worker.go), so a schema error here is a 400 naming the field.
+ERROR_STATUSES = (400, 401, 500)
 
 log = logging.getLogger(__name__)
 
@@ -79,21 +82,6 @@ CLIENT_OPTIONS: dict[str, Any] = {}
 
 
 # -- request and response --------------------------------------------------------------------
-
-class LLMMessage(BaseModel):
-    role: Literal["system", "user", "assistant"] = Field(
-        description="Who wrote the message: system, user or assistant.")
-    content: str = Field(description="The message text.")
-
-    @field_validator("content")
-    @classmethod
-    def _text(cls, value: str) -> str:
-        try:  # JSON can carry lone surrogates ("\ud800"), which no tokenizer takes
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("content must be Unicode text (it holds a lone surrogate)") from None
-        return value
-
 
 class LLMRequest(BaseModel):
     messages: list[LLMMessage] = Field(
@@ -137,32 +125,6 @@ class LLMRequest(BaseModel):
 
     def stop_texts(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-
-
-class LLMTokenUsage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class LLMChoice(BaseModel):
-    index: int
-    finish_reason: str = ""
-    delta: LLMMessage | None = None
-    message: LLMMessage | None = None
-
-    @model_serializer(mode="wrap")
-    def _without_nulls(self, handler: SerializerFunctionWrapHandler) -> Any:
-        # The contract's delta/message are objects, never null: leave the unused one out.
-        return {k: v for k, v in handler(self).items() if v is not None}
-
-
-class LLMResponse(BaseModel):
-    id: str
-    model: str
-    created: int
-    usage: LLMTokenUsage
-    choices: list[LLMChoice]
 
 
 Request = LLMRequest
@@ -688,6 +650,19 @@ def estimate(entry: ModelEntry, files: ModelFiles, float_bytes: int) -> int | No
     transformers backend; 0 for Ollama, whose daemon holds the model in its own memory (the
     cache sees it through `size_vram`) and has no weights in MODEL_DIR."""
     return None if backend_name(entry, files) == "transformers" else 0
+
+
+def file_problems(entry: ModelEntry, files: ModelFiles) -> list[str] | None:
+    """What the model's files lack, before the runner starts: None for the transformers
+    backend (its snapshot is checked like any other); for Ollama, the daemon's manifest and
+    blobs where it keeps them here (OLLAMA_MODELS, as in the llm image), else nothing to
+    check (a daemon elsewhere answers for its models when the runner loads)."""
+    if backend_name(entry, files) == "transformers":
+        return None
+    tag, store = entry.options.get("ollama_tag"), os.environ.get("OLLAMA_MODELS")
+    if not tag:
+        return [f"models.yaml gives {entry.id} no options.ollama_tag for the Ollama backend"]
+    return checkpoints.ollama_problems(str(tag), Path(store)) if store else []
 
 
 def load(entry: ModelEntry, files: ModelFiles, device: Device) -> Backend:

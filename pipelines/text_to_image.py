@@ -30,6 +30,9 @@ from runner.registry import ModelEntry
 
 NAME = "text-to-image"
 REQUIRES = ("diffusers", "transformers")
+# go-livepeer bills a request without a size as 512x512 (server/ai_http.go); rendering a model's
+# 1024x1024 instead would be 4x unbilled work (BILLED_DEFAULTS=false renders it anyway).
+BILLED_DEFAULTS = {"width": 512, "height": 512}
 MAX_SIDE = 2048
 
 

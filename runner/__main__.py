@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -30,6 +31,23 @@ class Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+# sysexits' EX_CONFIG: a runner that can never serve stops before it binds its port, so
+# go-livepeer's Warm fails once with this log instead of re-creating a container that says
+# ERROR for ever (go-livepeer#3105).
+EXIT_MISSING_MODELS = 78
+
+
+def refuse_to_start(problems: dict[str, list[str]], model_dir) -> int:
+    from runner.checkpoints import fetch_command
+
+    log = logging.getLogger("runner")
+    lines = [f"  {model}: {problem}" for model, found in problems.items() for problem in found]
+    log.error("cannot serve: the files of %d warm model(s) are missing or broken in %s:\n%s\n"
+              "download them with:\n  %s", len(problems), model_dir, "\n".join(lines),
+              fetch_command(list(problems), model_dir))
+    return EXIT_MISSING_MODELS
+
+
 def main() -> None:
     from runner.settings import Settings
 
@@ -48,6 +66,8 @@ def main() -> None:
     from runner.app import create_app
 
     app = create_app(settings)
+    if problems := app.state.service.file_problems():
+        sys.exit(refuse_to_start(problems, app.state.service.model_dir))
     # On SIGTERM: stop accepting, let in-flight requests finish within the grace period, then
     # the lifespan unloads every model.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",

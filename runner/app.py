@@ -12,8 +12,8 @@ from fastapi import FastAPI
 from prometheus_client import make_asgi_app
 
 from runner import __version__, errors, routes
-from runner.middleware import BodyLimit, JsonBodies
-from runner.pipeline import check_defaults, discover
+from runner.middleware import BodyLimit, InFlight, JsonBodies
+from runner.pipeline import billed_defaults, check_defaults, discover
 from runner.registry import Registry
 from runner.service import Service
 from runner.settings import Settings
@@ -38,6 +38,13 @@ def build_service(settings: Settings,
     missing = [n for n in served if n not in registry.pipelines]
     if missing:
         raise ValueError(f"{settings.models_file} lists no models for {missing}")
+    if settings.billed_defaults:
+        for name, module in served.items():
+            if billed := billed_defaults(module):
+                registry.override_defaults(name, billed)
+                log.info("%s: unset %s take what go-livepeer bills for them, %s "
+                         "(BILLED_DEFAULTS=false: each model's own)", name, ", ".join(billed),
+                         billed)
     check_defaults(registry, served)
     return Service(settings, registry, served)
 
@@ -67,9 +74,12 @@ def create_app(settings: Settings | None = None,
     app = FastAPI(title="Livepeer AI Runner", description="An application to run AI pipelines",
                   version=__version__, lifespan=lifespan)
     app.state.service = service
+    app.state.decodable = routes.decodable(service, settings)
     errors.install(app)
     app.add_middleware(JsonBodies, paths=routes.json_paths(service))
-    app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_bytes))
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_bytes),
+                       decodable=app.state.decodable)
+    app.add_middleware(InFlight, count=service.in_flight)
     routes.install(app, service, settings)
     app.mount("/metrics", make_asgi_app())
     log.info("serving %s in %s mode from %s", ", ".join(service.modules), service.mode,

@@ -3,6 +3,11 @@
 Status codes are decided by exception type, never by reading message text. Every body uses the
 contract's envelope `{"detail": {"msg": ...}}`, except 422, which keeps FastAPI's list shape
 because the Go client decodes 422 bodies as `HTTPValidationError`.
+
+A route may be read by a client that decodes only some statuses: go-livepeer's generated client
+(`ai/worker/runner.gen.go`) turns any other status into a nil result that the orchestrator then
+dereferences (go-livepeer#4026). `app.state.decodable` maps such a route's path to the statuses
+its client decodes, and every answer on it is translated by `for_client` first.
 """
 
 from __future__ import annotations
@@ -90,33 +95,69 @@ class FieldError(RunnerError):
         self.type = type_
 
 
+# What go-livepeer itself answers when no runner can take a job; its gateways retry elsewhere.
+BUSY = "insufficient capacity"
+
+
 def error_body(msg: str) -> dict:
     return {"detail": {"msg": msg}}
 
 
-def _runner_error(_: Request, exc: RunnerError) -> JSONResponse:
+def for_client(status: int, msg: str, decodable: frozenset[int] | None) -> tuple[int, str]:
+    """The status and message to answer with where the client decodes only `decodable` (None:
+    any status): busy (503) becomes a 500 that says "insufficient capacity", any other status
+    the client cannot read the nearest one it can, 400 for the client's mistakes (413, 415,
+    422), 500 for ours."""
+    if decodable is None or status in decodable:
+        return status, msg
+    if status == Unavailable.status_code:
+        return 500, f"{BUSY}: {msg}"
+    return (500 if status >= 500 else 400), msg
+
+
+def decodable(request: Request) -> frozenset[int] | None:
+    """The statuses the client of this request's route decodes; None where any will do."""
+    if request.method != "POST":
+        return None
+    return getattr(request.app.state, "decodable", {}).get(request.scope["path"])
+
+
+def answer(request: Request, status: int, msg: str,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    status, msg = for_client(status, msg, decodable(request))
+    return JSONResponse(error_body(msg), status_code=status, headers=headers)
+
+
+def _runner_error(request: Request, exc: RunnerError) -> Response:
     if isinstance(exc, FieldError):
-        detail = [{"loc": ["body", exc.field], "msg": exc.msg, "type": exc.type}]
-        return JSONResponse({"detail": detail}, status_code=422)
+        return _validation_list(request, [{"loc": ["body", exc.field], "msg": exc.msg,
+                                           "type": exc.type}])
     if exc.status_code >= 500:
         log.error("%s: %s", type(exc).__name__, exc.msg, exc_info=exc.__cause__)
-    return JSONResponse(error_body(exc.msg), status_code=exc.status_code, headers=exc.headers)
+    return answer(request, exc.status_code, exc.msg, exc.headers)
 
 
-def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    return _validation_list(request, list(exc.errors()))
+
+
+def _validation_list(request: Request, items: list[dict]) -> Response:
+    """422 in FastAPI's list shape, or, where the client cannot read a 422, a 400 whose
+    message lists the same problems."""
+    if 422 not in (decodable(request) or {422}):
+        return answer(request, 422, "; ".join(
+            f"{'.'.join(str(part) for part in item['loc'][1:]) or 'body'}: {item['msg']}"
+            for item in items))
     try:
-        return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+        return JSONResponse({"detail": jsonable_encoder(items)}, status_code=422)
     except ValueError:  # an input JSON cannot echo (NaN, a lone surrogate, non-UTF-8 bytes)
-        detail = [{k: v for k, v in item.items() if k not in ("input", "ctx")}
-                  for item in exc.errors()]
+        detail = [{k: v for k, v in item.items() if k not in ("input", "ctx")} for item in items]
         return Response(json.dumps({"detail": jsonable_encoder(detail)}, ensure_ascii=True),
                         status_code=422, media_type="application/json")
 
 
-def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
-    return JSONResponse(
-        error_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers
-    )
+def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return answer(request, exc.status_code, str(exc.detail), exc.headers)
 
 
 def _unexpected(_: Request, exc: Exception) -> JSONResponse:

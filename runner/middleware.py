@@ -1,20 +1,26 @@
-"""ASGI middleware: a body-size cap enforced before any parsing."""
+"""ASGI middleware: a body-size cap enforced before any parsing, the count of requests in
+flight, lenient JSON content types."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runner.errors import PayloadTooLarge, error_body
+from runner.errors import PayloadTooLarge, error_body, for_client
 
 
 class BodyLimit:
     """413 for bodies over `max_bytes`: at once from Content-Length, or as soon as a chunked
-    body passes the cap, so a huge upload is never buffered or spooled to disk."""
+    body passes the cap, so a huge upload is never buffered or spooled to disk. Where the
+    route's client cannot decode a 413 (`decodable`, as in errors.py) it is that client's 400."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int,
+                 decodable: dict[str, frozenset[int]] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.decodable = decodable or {}
 
     def _message(self) -> str:
         return f"request body is larger than the limit of {self.max_bytes / 2**20:.3g} MiB"
@@ -25,7 +31,7 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
+            await self._reject(scope, send)
             return
         received = 0
 
@@ -40,11 +46,13 @@ class BodyLimit:
 
         await self.app(scope, limited, send)
 
-    async def _reject(self, send: Send) -> None:
+    async def _reject(self, scope: Scope, send: Send) -> None:
         import json
 
-        body = json.dumps(error_body(self._message())).encode()
-        await send({"type": "http.response.start", "status": PayloadTooLarge.status_code,
+        decodable = self.decodable.get(scope["path"]) if scope["method"] == "POST" else None
+        status, msg = for_client(PayloadTooLarge.status_code, self._message(), decodable)
+        body = json.dumps(error_body(msg)).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
@@ -69,3 +77,28 @@ class JsonBodies:
             if declared.split(b";")[0].strip().lower() in self.LENIENT:
                 scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
+
+
+@dataclass
+class Count:
+    value: int = 0
+
+
+class InFlight:
+    """Counts POST requests from their first byte to their last (a stream's last chunk too):
+    /health says OK while any is in hand and IDLE when none is, and go-livepeer hands a
+    borrowed container back to its pool only on IDLE."""
+
+    def __init__(self, app: ASGIApp, count: Count):
+        self.app = app
+        self.count = count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        self.count.value += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.count.value -= 1

@@ -6,6 +6,7 @@ and chunks) and router are kept apart, as in vLLM; generation itself is the modu
 through the same service, lanes, cache and errors as its contract route.
 """
 
+import json
 import time
 import types
 from collections.abc import AsyncIterator, Callable
@@ -15,7 +16,12 @@ from fastapi import APIRouter, Depends
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from runner.errors import RunnerError
 from runner.service import Service
+
+# Keep-alive comments on OpenAI streams, for proxies that close quiet connections; the
+# contract's /llm sends none (go-livepeer logs them as decode errors).
+PING_SECONDS = 15
 
 # -- protocol ------------------------------------------------------------------------------
 
@@ -146,6 +152,12 @@ def completion(response: Any, model: str) -> ChatCompletion:
         usage=Usage(**response.usage.model_dump()))
 
 
+def stream_error(_: ChatCompletionChunk, exc: RunnerError) -> str:
+    """How an OpenAI stream reports a failure after its first chunk: an `error` object, which
+    the `openai` client raises as an APIError."""
+    return json.dumps({"error": {"message": exc.msg, "code": exc.status_code}})
+
+
 def chunk_adapter(model: str, include_usage: bool
                   ) -> Callable[[AsyncIterator[Any]], AsyncIterator[ChatCompletionChunk]]:
     """The module's chunks as OpenAI chunks: the role on the first, the finish reason on the
@@ -185,7 +197,8 @@ def router(service: Service, module: types.ModuleType, auth: Callable) -> APIRou
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             return await stream_events(service, module, inner,
-                                       adapt=chunk_adapter(model, include_usage))
+                                       adapt=chunk_adapter(model, include_usage),
+                                       failed=stream_error, ping=PING_SECONDS)
         return completion(await service.generate(module, inner), model)
 
     @api.get("/models", response_model=ModelList, operation_id="listModels",

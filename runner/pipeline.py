@@ -7,9 +7,11 @@ A pipeline module (one file in `pipelines/`) defines:
   load(entry, files, device) -> model          called in a worker thread
   run(model, request, ctx) -> Response          called in a worker thread
   build_tiny(entry, model_dir) -> None          random-weight checkpoint in the layout load reads
-and may define OPERATION_ID and SUMMARY when the derived ones do not match the contract, and
+and may define OPERATION_ID and SUMMARY when the derived ones do not match the contract;
 REQUIRES, the import names it needs at run time: a pipeline whose libraries are not installed
-in this environment is not served here (text-to-speech lives in its own environment).
+in this environment is not served here (text-to-speech lives in its own environment);
+ERROR_STATUSES, the error statuses go-livepeer's worker reads on its route when they differ
+from DECODED_ERRORS; BILLED_DEFAULTS, values go-livepeer bills unset request fields at.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from starlette.datastructures import UploadFile as StarletteUpload
 from runner.registry import ModelEntry, Registry
 
 REQUIRED = ("NAME", "Request", "Response", "load", "run", "build_tiny")
+# What go-livepeer's generated client decodes besides 200 on a generate route
+# (ai/worker/runner.gen.go); its worker turns any other status into a nil result.
+DECODED_ERRORS = (400, 401, 422, 500)
 log = logging.getLogger(__name__)
 
 
@@ -77,6 +82,14 @@ def discover(package: str = "pipelines", installed_only: bool = True
 def operation_id(module: types.ModuleType) -> str:
     derived = "gen" + "".join(part.capitalize() for part in module.NAME.split("-"))
     return getattr(module, "OPERATION_ID", derived)
+
+
+def error_statuses(module: types.ModuleType) -> tuple[int, ...]:
+    return tuple(getattr(module, "ERROR_STATUSES", DECODED_ERRORS))
+
+
+def billed_defaults(module: types.ModuleType) -> dict[str, Any]:
+    return dict(getattr(module, "BILLED_DEFAULTS", {}))
 
 
 def summary(module: types.ModuleType) -> str:

@@ -106,6 +106,13 @@ class Registry:
     def default(self, pipeline: str) -> ModelEntry:
         return self._entries[pipeline][self._default[pipeline]]
 
+    def override_defaults(self, pipeline: str, values: dict[str, Any]) -> None:
+        """Give every model of `pipeline` these defaults for unset request fields, over its own
+        (what go-livepeer bills for an unset size, when the operator renders what is billed)."""
+        self._entries[pipeline] = {
+            model_id: entry.model_copy(update={"defaults": {**entry.defaults, **values}})
+            for model_id, entry in self._entries[pipeline].items()}
+
     def resolve(self, pipeline: str, model_id: str) -> ModelEntry:
         if not model_id:
             return self.default(pipeline)

@@ -7,12 +7,11 @@ annotations at definition time, and they name per-module classes.
 import asyncio
 import hmac
 import inspect
-import json
 import logging
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -23,12 +22,13 @@ from starlette.requests import Request as HTTPRequest
 from runner import hardware, metrics
 from runner.errors import ClientClosed, FieldError, RunnerError, Unauthorized, Unavailable
 from runner.executor import as_runner_error
-from runner.pipeline import is_multipart, operation_id, summary
+from runner.pipeline import error_statuses, is_multipart, operation_id, summary
 from runner.protocol import (
     HardwareInformation,
     HardwareStats,
     HealthCheck,
     HTTPError,
+    StreamChunk,
     Version,
 )
 from runner.service import Service
@@ -61,13 +61,30 @@ def bearer_auth(token: str):
     return check
 
 
+def decodable(service: Service, settings: Settings) -> dict[str, frozenset[int]]:
+    """Each generate route's path (and its slash alias) -> the statuses go-livepeer's client
+    decodes on it; empty when ERROR_STATUSES=http (errors.for_client leaves them alone)."""
+    if settings.error_statuses == "http":
+        return {}
+    return {path: frozenset({200, *error_statuses(module)})
+            for module in service.modules.values()
+            for path in (f"/{module.NAME}", f"/{module.NAME}/")}
+
+
+def error_responses(module: types.ModuleType, settings: Settings) -> dict:
+    """The error statuses a generate route documents: what it can answer with."""
+    if settings.error_statuses == "http":
+        return ERROR_RESPONSES
+    return {s: ERROR_RESPONSES[s] for s in error_statuses(module) if s in ERROR_RESPONSES}
+
+
 def generate_router(service: Service, settings: Settings) -> APIRouter:
     # Form fields may carry JSON arrays (SAM2's 1x256x256 mask_input is ~1.5 MB as Go writes
     # it), past Starlette's 1 MiB default per field; the body cap still bounds the total.
     router = APIRouter(tags=["generate"], dependencies=[Depends(bearer_auth(settings.auth_token))],
                        form_limits={"max_part_size": FORM_FIELD_BYTES})
     for module in service.modules.values():
-        add_generate_route(router, module, service)
+        add_generate_route(router, module, service, error_responses(module, settings))
     return router
 
 
@@ -96,7 +113,8 @@ async def until_disconnect(http: HTTPRequest, work: Awaitable[T]) -> T:
         watcher.cancel()
 
 
-def add_generate_route(router: APIRouter, module: types.ModuleType, service: Service) -> None:
+def add_generate_route(router: APIRouter, module: types.ModuleType, service: Service,
+                       responses: dict) -> None:
     Request = module.Request
 
     async def respond(request: BaseModel, response: Response, http: HTTPRequest):
@@ -127,7 +145,7 @@ def add_generate_route(router: APIRouter, module: types.ModuleType, service: Ser
             return await respond(request, response, http)
 
     options = dict(
-        methods=["POST"], response_model=module.Response, responses=ERROR_RESPONSES,
+        methods=["POST"], response_model=module.Response, responses=responses,
         summary=summary(module), description=inspect.getdoc(module).split("\n\n")[0],
     )
     op = operation_id(module)
@@ -136,14 +154,25 @@ def add_generate_route(router: APIRouter, module: types.ModuleType, service: Ser
                          include_in_schema=False, **options)
 
 
+def failure_chunk(last: StreamChunk, exc: RunnerError) -> str:
+    """The contract's way to end a failed stream: go-livepeer reads Choices[0] of every chunk
+    (a chunk without one panics it), so no bare error object, but a last chunk with
+    finish_reason "error"; the reason is in the runner's log."""
+    return last.failure().model_dump_json(exclude_none=True)
+
+
 async def stream_events(service: Service, module: types.ModuleType, request: BaseModel,
                         adapt: Callable[[AsyncIterator[BaseModel]], AsyncIterator[BaseModel]]
-                        | None = None) -> EventSourceResponse:
+                        | None = None,
+                        failed: Callable[[Any, RunnerError], str] = failure_chunk,
+                        ping: float = 0) -> EventSourceResponse:
     """Server-sent events: `data: <chunk json>` per chunk, then `data: [DONE]`. The session is
     opened first, so unknown models, full queues and the like keep their status codes; an
-    error after the first chunk is sent as `data: {"error": ...}`. A client that goes away
-    cancels the generator, which stops the backend and frees the lane. `adapt` rewrites the
-    module's chunks into another wire format (the OpenAI layer's)."""
+    error after the first chunk is sent as the event `failed` makes of the last chunk. A
+    client that goes away cancels the generator, which stops the backend and frees the lane.
+    `adapt` rewrites the module's chunks into another wire format (the OpenAI layer's). No
+    `: ping` comments unless asked for (`ping` seconds): go-livepeer logs every line that is
+    not `data: ...` as a decode error."""
     stack = AsyncExitStack()
     session = await stack.enter_async_context(service.session(module, request))
     chunks = service.stream(module, session)
@@ -161,23 +190,22 @@ async def stream_events(service: Service, module: types.ModuleType, request: Bas
         raise
 
     async def events():
+        last = first
         try:
             if first is not None:
                 yield {"data": first.model_dump_json(exclude_none=True)}
-                async for chunk in chunks:
-                    yield {"data": chunk.model_dump_json(exclude_none=True)}
-            yield {"data": "[DONE]"}
-        except RunnerError as exc:  # with the status it would have had before the stream
-            yield {"data": json.dumps({"error": {"message": exc.msg,
-                                                 "code": exc.status_code}})}
-        except Exception as exc:  # the stream has started: report in-band, log the rest
-            log.exception("stream failed", exc_info=exc)
-            yield {"data": json.dumps({"error": {"message": f"inference failed: "
-                                                 f"{type(exc).__name__}", "code": 500}})}
+                async for last in chunks:
+                    yield {"data": last.model_dump_json(exclude_none=True)}
+        except Exception as exc:  # the stream has started: end it in-band, log why
+            error = as_runner_error(exc)
+            log.error("stream of %s failed after it started: %s", module.NAME, error.msg,
+                      exc_info=exc if error is not exc else None)
+            yield {"data": failed(last, error)}
         finally:
             await stack.aclose()
+        yield {"data": "[DONE]"}
 
-    return EventSourceResponse(events(), sep="\n", ping=15)
+    return EventSourceResponse(events(), sep="\n", ping=ping)
 
 
 def json_paths(service: Service) -> set[str]:
@@ -199,25 +227,31 @@ def status_router(service: Service, settings: Settings) -> APIRouter:
             return settings.model_id
         return ",".join(service.registry.default(name).id for name in service.modules)
 
-    @router.get("/health", response_model=HealthCheck, operation_id="health")
+    def get(path: str, operation: str, endpoint: Callable, model: type[BaseModel]) -> None:
+        """The route and, as the reference has, its trailing-slash alias."""
+        router.add_api_route(path, endpoint, response_model=model, operation_id=operation)
+        router.add_api_route(f"{path}/", endpoint, response_model=model,
+                             operation_id=f"{operation}_slash", include_in_schema=False)
+
     async def health() -> HealthCheck:
         return HealthCheck(status=service.health)
 
-    @router.get("/version", response_model=Version, operation_id="version")
     async def version() -> Version:
         return Version(pipeline=settings.pipeline, model_id=default_model_id(),
                        version=settings.version, mode=service.mode)
 
-    @router.get("/hardware/info", response_model=HardwareInformation,
-                operation_id="hardware_info")
     def hardware_info() -> HardwareInformation:
         return HardwareInformation(pipeline=settings.pipeline, model_id=default_model_id(),
                                    gpu_info=hardware.gpu_info())
 
-    @router.get("/hardware/stats", response_model=HardwareStats, operation_id="hardware_stats")
     def hardware_stats() -> HardwareStats:
         return HardwareStats(pipeline=settings.pipeline, model_id=default_model_id(),
                              gpu_stats=hardware.gpu_stats())
+
+    get("/health", "health", health, HealthCheck)
+    get("/version", "version", version, Version)
+    get("/hardware/info", "hardware_info", hardware_info, HardwareInformation)
+    get("/hardware/stats", "hardware_stats", hardware_stats, HardwareStats)
 
     @router.get("/models", operation_id="models", include_in_schema=False)
     async def models() -> dict:

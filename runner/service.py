@@ -20,13 +20,14 @@ from filelock import FileLock
 from PIL import Image
 from pydantic import BaseModel
 
+from runner import checkpoints, footprint, hardware, media, metrics, safety
 from runner import device as devices
-from runner import footprint, hardware, media, metrics, safety
 from runner.cache import Loader, ModelCache
-from runner.errors import ClientClosed
+from runner.errors import ClientClosed, RunnerError
 from runner.executor import Executor, Lane
 from runner.hub import ModelFiles
 from runner.memory import CudaMemory, HostMemory
+from runner.middleware import Count
 from runner.pipeline import rewind_uploads, with_defaults
 from runner.registry import ModelEntry, Registry
 from runner.settings import Settings
@@ -94,7 +95,9 @@ class Service:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
                                   str(self.model_dir / ".cache" / "torchinductor"))
             os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-        self.health = "LOADING"
+        self.state = "LOADING"  # LOADING | READY | ERROR
+        self.in_flight = Count()  # requests in hand, counted by the InFlight middleware
+        self._deferred: list[ModelEntry] = []  # warm models whose compile waits for READY
         self.memory = CudaMemory(self.device.index) if self.device.is_cuda else HostMemory()
         self.cache = ModelCache(
             Loader(load=self._load, estimate=self._estimate, measure=footprint.measure,
@@ -107,6 +110,15 @@ class Service:
         lanes = sum(e.max_concurrency for name in modules for e in registry.entries(name))
         self.executor = Executor(settings.max_queue, threads=max(8, lanes + 1),
                                  max_total=settings.max_queue_total)
+
+    @property
+    def health(self) -> str:
+        """LOADING until the warm models serve, ERROR while one cannot; then OK while a request
+        (or a warm-up) is in hand and IDLE when none is: go-livepeer returns a warm container
+        it borrowed while it said LOADING to its pool only on IDLE, and never on OK."""
+        if self.state != "READY":
+            return self.state
+        return "OK" if self.in_flight.value or self.executor.pending else "IDLE"
 
     @property
     def mode(self) -> str:
@@ -131,15 +143,39 @@ class Service:
     def _load(self, entry: ModelEntry) -> Any:
         module = self._module(entry)
         model = module.load(entry, self._files(entry), self.device)
-        warm = getattr(module, "warm_up", None)
-        if self.device.compile and warm is not None:
-            # Compilation happens here, while the model is loading (/health LOADING for a
-            # warm model), not on a client's first request.
-            started = time.perf_counter()
-            warm(model, entry)
-            log.info("compiled %s for its served sizes in %.1fs", entry.id,
-                     time.perf_counter() - started)
+        if self._compiles(module):
+            if self.state == "LOADING" and entry in self._warm_entries():
+                self._deferred.append(entry)  # after READY: see _compile_deferred
+            else:  # a model loaded for a request: compiled before that request runs
+                self._compile(module, model, entry)
         return model
+
+    def _compiles(self, module: Any) -> bool:
+        return self.device.compile and getattr(module, "warm_up", None) is not None
+
+    def _compile(self, module: Any, model: Any, entry: ModelEntry) -> None:
+        """TORCH_COMPILE: one warm-up run at the served sizes compiles the model, so no client
+        request pays for it."""
+        started = time.perf_counter()
+        module.warm_up(model, entry)
+        log.info("compiled %s for its served sizes in %.1fs", entry.id,
+                 time.perf_counter() - started)
+
+    async def _compile_deferred(self) -> None:
+        """The warm models' compiles run once /health has left LOADING, since go-livepeer
+        counts LOADING past 3 minutes as failures and compiling SDXL can take longer. Each runs
+        in its model's lane like a request: /health says OK until it is done (so a warm
+        container stays out of go-livepeer's pool until then), and requests wait behind it
+        instead of compiling too."""
+        while self._deferred:
+            entry = self._deferred.pop(0)
+            module, key = self._module(entry), ModelCache.key(entry)
+            try:
+                async with self.executor.admit(key, entry.max_concurrency) as lane:
+                    async with self.executor.turn(lane), self.cache.use(entry) as model:
+                        await self.executor.call(self._compile, module, model, entry)
+            except Exception as exc:  # the model still serves, uncompiled where it failed
+                log.error("compiling %s failed: %s", entry.id, exc, exc_info=exc)
 
     def _move(self, entry: ModelEntry, model: Any, tier: str) -> None:
         """Between the device and CPU RAM; a module may know better (a cache to drop)."""
@@ -212,6 +248,7 @@ class Service:
             await anyio.to_thread.run_sync(devices.configure_for_tiny)
         while True:
             await self._probe()
+            await self._compile_deferred()
             if self.settings.health_probe_seconds <= 0:
                 return
             await asyncio.sleep(self.settings.health_probe_seconds)
@@ -221,16 +258,36 @@ class Service:
         try:
             healthy = await self._serving()
         except Exception as exc:
-            if self.health != "ERROR":
+            if self.state != "ERROR":
                 log.exception("warm model unavailable; /health reports ERROR", exc_info=exc)
-            self.health = "ERROR"
+            self.state = "ERROR"
             return
-        if healthy and self.health != "OK":
+        if healthy and self.state != "READY":
             log.info("ready (%s mode): %s", self.mode,
                      ", ".join(e.id for e in self._warm_entries()))
-        elif not healthy and self.health != "ERROR":
+        elif not healthy and self.state != "ERROR":
             log.error("a warm model's backend is unhealthy; /health reports ERROR")
-        self.health = "OK" if healthy else "ERROR"
+        self.state = "READY" if healthy else "ERROR"
+
+    def file_problems(self) -> dict[str, list[str]]:
+        """What the warm models' files lack, read from disk without loading anything; checked
+        before the port is bound, so a runner that could never serve exits once with the
+        download command instead of reporting ERROR, which go-livepeer answers by re-creating
+        the container for ever. Tiny mode writes its own files, so nothing is missing there."""
+        if self.tiny:
+            return {}
+        found = {}
+        for entry in self._warm_entries():
+            own = getattr(self._module(entry), "file_problems", None)
+            try:
+                problems = own(entry, self._files(entry)) if own is not None else None
+            except RunnerError as exc:  # e.g. a backend setting that names nothing
+                problems = [exc.msg]
+            if problems is None:
+                problems = checkpoints.entry_problems(entry, self.model_dir)
+            if problems:
+                found[entry.id] = problems
+        return found
 
     async def close(self) -> None:
         """At shutdown, after in-flight requests: give every model's memory back (a daemon's

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import ByteSize, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from runner import __version__
+from runner import wire_version
 
 log = logging.getLogger(__name__)
 
-# Flags go-livepeer passes from aiModels.json `optimization_flags`; the ones this runner does not
-# implement are logged, never fatal, so an operator's existing config keeps working.
-OPTIMISATION_FLAGS = ("SFAST", "DEEPCACHE", "TORCH_COMPILE", "TENSORRT", "ONEDIFF")
+# Flags go-livepeer passes from aiModels.json `optimization_flags`, and the reference runner's
+# own environment (its safety checker's device, its vLLM engine's tuning): the ones this runner
+# does not implement are logged, never fatal, so an operator's existing config keeps working.
+OPTIMISATION_FLAGS = ("SFAST", "SFAST_WARMUP", "DEEPCACHE", "TORCH_COMPILE", "TENSORRT",
+                      "ONEDIFF", "BFLOAT16", "SAFETY_CHECKER_DEVICE", "BACKEND",
+                      "PREPARE_MODELS", "USE_8BIT", "MAX_NUM_BATCHED_TOKENS", "MAX_NUM_SEQS",
+                      "MAX_MODEL_LEN", "GPU_MEMORY_UTILIZATION", "TENSOR_PARALLEL_SIZE",
+                      "PIPELINE_PARALLEL_SIZE")
 IMPLEMENTED_FLAGS: frozenset[str] = frozenset({"TORCH_COMPILE"})
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +43,10 @@ class Settings(BaseSettings):
         None, description="CPU tiny-model mode; unset = on when DEVICE=auto finds no CUDA."
     )
     tiny_dir: Path = Path(os.path.expanduser("~/.cache/runner/tiny-models"))
-    version: str = __version__
+    version: str = Field(
+        wire_version(), description="What /version reports; go-livepeer compares it with a "
+        "gateway's -aiMinRunnerVersion as semver, so the default is the contract version this "
+        "runner implements with its own version as build metadata.")
     verbose_logging: bool = False
     safety_policy: Literal["black", "blur", "flag"] = "black"
     vram_budget: ByteSize | None = Field(None, description="Overrides the device's byte budget.")
@@ -47,14 +56,25 @@ class Settings(BaseSettings):
     host_budget: ByteSize | None = Field(
         None, description="CPU RAM for demoted models; unset = half the free RAM at start on a "
         "GPU, 0 (no host tier) on CPU, where demoting frees nothing.")
-    max_queue: int = Field(16, ge=0, description="Requests waiting per model before 503.")
+    max_queue: int = Field(16, ge=0, description="Requests waiting per model before busy.")
     max_queue_total: int = Field(64, ge=1, description="Requests in hand across all models.")
     queue_timeout: float = Field(
-        120.0, description="Seconds a request may wait for its model, turn and memory; 0 = "
-        "no limit.")
+        240.0, description="Seconds a request may wait for its model, turn and memory; 0 = "
+        "no limit. go-livepeer sends a cold container its request while it loads (up to 3 "
+        "minutes before it gives up on it), so this covers a cold load.")
+    error_statuses: Literal["go-livepeer", "http"] = Field(
+        "go-livepeer", description="go-livepeer: the contract routes answer only statuses "
+        "go-livepeer's client decodes for each (busy is a 500 'insufficient capacity: ...' with "
+        "Retry-After, an oversize upload a 400 where 413 is not decoded); http: 503 and 413 as "
+        "HTTP means them. /v1 and /models always answer HTTP's.")
+    billed_defaults: bool = Field(
+        True, description="Unset request fields that go-livepeer bills at a fixed value take "
+        "that value (text-to-image: 512x512), so the work done is the work paid for; false: "
+        "the model's own defaults from models.yaml.")
     png_compress_level: int = Field(1, ge=0, le=9)
     shutdown_grace_seconds: int = Field(
-        30, ge=0, description="On SIGTERM, how long in-flight requests may take to finish.")
+        5, ge=0, description="On SIGTERM, how long in-flight requests may take to finish; "
+        "go-livepeer kills a container 8 s after it asks it to stop.")
     torch_compile: bool = Field(
         False, description="torch.compile the diffusion UNet and VAE decoder, warmed up at the "
         "served sizes at start (go-livepeer's TORCH_COMPILE flag); the compiled kernels are "
@@ -72,8 +92,21 @@ class Settings(BaseSettings):
             return available
         return self.pipeline.split(",")
 
+    @field_validator("version")
+    @classmethod
+    def _semver(cls, v: str) -> str:
+        if not SEMVER.fullmatch(v):
+            log.warning("VERSION=%s is not semver: gateways with -aiMinRunnerVersion will skip "
+                        "this runner", v)
+        return v
+
     def log_optimisation_flags(self) -> None:
         for flag in OPTIMISATION_FLAGS:
             value = os.environ.get(flag)
             if value is not None and flag not in IMPLEMENTED_FLAGS:
                 log.warning("optimisation flag %s=%s accepted but not implemented", flag, value)
+
+
+# What go-livepeer's semver parser (Masterminds) takes: a "v", 1 to 3 numbers, a pre-release,
+# build metadata.
+SEMVER = re.compile(r"v?\d+(\.\d+){0,2}(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?")

@@ -131,7 +131,7 @@ def render(report: dict) -> str:
             "[min–max] of the next calls; stages from Server-Timing, steady medians):", "",
             table(["pipeline", "model", "first call", "steady", "steady stages", "settings"],
                   request_rows(runs)), ""]
-    out += ["Models loaded (warm-up and cold loads), start-up to /health OK, peak memory "
+    out += ["Models loaded (warm-up and cold loads), start-up to /health IDLE, peak memory "
             "(RSS of the process so far; CUDA: after loading / during requests):", "",
             table(["pipeline", "model", "load s", "estimated MiB", "measured MiB", "start-up s",
                    "peak RSS MiB", "peak CUDA MiB"], memory_rows(runs)), ""]

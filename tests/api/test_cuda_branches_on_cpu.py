@@ -37,7 +37,7 @@ def test_the_cuda_path_serves(cuda_on_cpu, pipeline, tiny_dir):
     settings = Settings(pipeline=pipeline, device="cuda", tiny=True, tiny_dir=tiny_dir,
                         health_probe_seconds=0)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        assert wait_ready(client) == "OK"
+        assert wait_ready(client) == "IDLE"
         entry, model = resident(client, pipeline)
         assert client.app.state.service.device.is_cuda
         if entry.dtype in ("float16", "bfloat16"):  # the half precision is really in use

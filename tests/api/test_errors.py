@@ -98,23 +98,31 @@ def test_unknown_route_uses_the_envelope(echo):
     envelope(r)
 
 
-def test_upload_over_the_cap_is_413(app_client, make_settings):
+# A route whose go-livepeer client decodes no 413 (the echo route has the default statuses)
+# answers an oversize upload with the 400 it can read; ERROR_STATUSES=http answers 413.
+OVERSIZE = [("go-livepeer", 400), ("http", 413)]
+
+
+@pytest.mark.parametrize("mode, status", OVERSIZE)
+def test_upload_over_the_cap(app_client, make_settings, mode, status):
     from tests.conftest import echo_modules, echo_settings
 
-    client = app_client(echo_settings(make_settings, max_upload_bytes=64 * 1024), echo_modules())
+    client = app_client(echo_settings(make_settings, max_upload_bytes=64 * 1024,
+                                      error_statuses=mode), echo_modules())
     big = ("big.png", b"\0" * (128 * 1024), "image/png")
     r = client.post("/echo-image", files={"image": big})
-    assert r.status_code == 413
+    assert r.status_code == status
     assert "limit" in envelope(r)
     assert client.post("/echo-image", files={"image": PNG}).status_code == 200
 
 
-def test_chunked_body_over_the_cap_is_413(live_server, make_settings):
+@pytest.mark.parametrize("mode, status", OVERSIZE)
+def test_chunked_body_over_the_cap(live_server, make_settings, mode, status):
     from runner.app import create_app
     from tests.conftest import echo_modules, echo_settings
 
-    server = live_server(create_app(echo_settings(make_settings, max_upload_bytes=64 * 1024),
-                                    echo_modules()))
+    server = live_server(create_app(echo_settings(make_settings, max_upload_bytes=64 * 1024,
+                                                  error_statuses=mode), echo_modules()))
 
     def chunks():  # no Content-Length: the cap must hold while the body streams
         yield (b'--zzz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
@@ -125,5 +133,23 @@ def test_chunked_body_over_the_cap_is_413(live_server, make_settings):
     with server.client() as http:
         r = http.post("/echo-image", content=chunks(),
                       headers={"content-type": "multipart/form-data; boundary=zzz"})
-    assert r.status_code == 413
+    assert r.status_code == status
     assert "limit" in envelope(r)
+
+
+COMMON = frozenset({200, 400, 401, 422, 500})  # a generate route's, in go-livepeer's client
+
+
+@pytest.mark.parametrize("status, decodable, expected", [
+    (503, COMMON, (500, "insufficient capacity: busy")),
+    (413, COMMON, (400, "busy")),
+    (413, COMMON | {413, 415}, (413, "busy")),
+    (415, COMMON, (400, "busy")),
+    (422, COMMON - {422}, (400, "busy")),
+    (499, COMMON, (400, "busy")),
+    (500, COMMON, (500, "busy")),
+    (503, None, (503, "busy")),
+    (413, None, (413, "busy")),
+])
+def test_for_client_answers_only_what_the_route_decodes(status, decodable, expected):
+    assert errors.for_client(status, "busy", decodable) == expected

@@ -21,7 +21,7 @@ def server(tmp_path_factory):
                         tiny_dir=tmp_path_factory.getbasetemp() / "tiny-models-llm-openai")
     with LiveServer(create_app(settings)) as live:
         with live.client() as http:
-            assert wait_ready(http) == "OK"
+            assert wait_ready(http) == "IDLE"
         yield live
 
 

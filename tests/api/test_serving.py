@@ -4,6 +4,8 @@ evict idle models under a small budget."""
 import threading
 import time
 
+import pytest
+
 from runner.app import create_app
 from tests.conftest import echo_modules, echo_settings, png_bytes, wait_ready
 
@@ -16,7 +18,7 @@ def test_health_is_loading_then_ok(live_server, make_settings):
     with server.client() as http:
         assert http.get("/health").json() == {"status": "LOADING"}
         assert http.get("/version").json()["model_id"] == "test/echo-slow"
-        assert wait_ready(http) == "OK"
+        assert wait_ready(http) == "IDLE"
         r = http.post("/echo-image", files={"image": PNG})
         assert r.json()["model"] == "test/echo-slow"
 
@@ -60,8 +62,13 @@ def test_health_answers_while_a_long_inference_runs(live_server, make_settings):
     print(f"health latency during inference: max {max(latencies) * 1000:.1f} ms")
 
 
-def test_full_queue_is_503_with_retry_after(live_server, make_settings):
-    server = live_server(create_app(echo_settings(make_settings, max_queue=0), echo_modules()))
+@pytest.mark.parametrize("mode, status, prefix", [("go-livepeer", 500, "insufficient capacity"),
+                                                  ("http", 503, "")])
+def test_full_queue_is_busy_with_retry_after(live_server, make_settings, mode, status, prefix):
+    """Busy as the caller can read it: go-livepeer's client decodes no 503, so by default it is
+    a 500 that says what go-livepeer itself says when it has no capacity."""
+    server = live_server(create_app(echo_settings(make_settings, max_queue=0,
+                                                  error_statuses=mode), echo_modules()))
     first = {}
 
     def occupy():
@@ -75,13 +82,13 @@ def test_full_queue_is_503_with_retry_after(live_server, make_settings):
         deadline = time.monotonic() + 10
         while True:  # until the first request holds the model's only slot
             r = http.post("/echo-image", files={"image": PNG})
-            if r.status_code == 503 or time.monotonic() > deadline:
+            if r.status_code == status or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
     worker.join()
-    assert r.status_code == 503
+    assert r.status_code == status
     assert int(r.headers["retry-after"]) >= 1
-    assert "retry" in r.json()["detail"]["msg"]
+    assert r.json()["detail"]["msg"].startswith(prefix) and "retry" in r.json()["detail"]["msg"]
     assert first["r"].status_code == 200
 
 

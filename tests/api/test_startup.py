@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import decode_png_url, png_bytes, wait_ready
+from tests.support import golivepeer
 
 
 def free_port() -> int:
@@ -33,7 +34,7 @@ def runner_process(tmp_path, request):
     port = free_port()
     env = {**os.environ, "PIPELINE": "text-to-image", "HOST": "127.0.0.1", "PORT": str(port),
            "TINY_DIR": str(tmp_path / "tiny"), "SFAST": "true", "DEEPCACHE": "false",
-           "VERSION": "9.9.9", "AUTH_TOKEN": ""}
+           "BFLOAT16": "true", "MAX_NUM_SEQS": "64", "VERSION": "9.9.9", "AUTH_TOKEN": ""}
     env.pop("TINY", None)
     env.update(getattr(request, "param", {}))
     env.pop("DEVICE", None)
@@ -41,9 +42,13 @@ def runner_process(tmp_path, request):
     proc = subprocess.Popen([sys.executable, "-m", "runner"], env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     yield Runner(f"http://127.0.0.1:{port}", log, proc)
+    stopping = time.monotonic()
     proc.terminate()
-    # SIGTERM shuts down in order, unloads the models and exits 0 (not by the signal).
+    # SIGTERM shuts down in order, unloads the models and exits 0 (not by the signal), before
+    # go-livepeer's SIGKILL 8 s after it asked (requests in flight get 5 s of those).
     assert proc.wait(timeout=30) == 0
+    stopped_in = time.monotonic() - stopping
+    assert stopped_in < golivepeer.STOP_TIMEOUT, f"stopped in {stopped_in:.1f} s"
     log.seek(0)
     text = log.read()
     assert "Application shutdown complete" in text and "cache event=closed" in text
@@ -65,13 +70,14 @@ def test_python_m_runner_serves_tiny_text_to_image(runner_process):
     assert version == {"pipeline": "text-to-image", "model_id":
                        "SG161222/RealVisXL_V4.0_Lightning", "version": "9.9.9", "mode": "tiny"}
     with httpx.Client(base_url=url, timeout=60) as http:
-        assert wait_ready(http) == "OK"
+        assert wait_ready(http) == "IDLE"
         r = http.post("/text-to-image", json={"prompt": "a cat", "width": 64, "height": 64})
     assert r.status_code == 200, r.text
     assert decode_png_url(r.json()["images"][0]["url"]).size == (64, 64)
     log.seek(0)
     text = log.read()
-    assert "optimisation flag SFAST=true accepted but not implemented" in text
+    for flag in ("SFAST=true", "BFLOAT16=true", "MAX_NUM_SEQS=64"):
+        assert f"optimisation flag {flag} accepted but not implemented" in text
     assert "tiny mode" in text
 
 
@@ -84,10 +90,10 @@ def test_sigterm_lets_the_request_in_flight_finish(runner_process):
     url, log = runner_process
     first_answer(url, time.monotonic() + 60)
     with httpx.Client(base_url=url, timeout=60) as http:
-        assert wait_ready(http) == "OK"
+        assert wait_ready(http) == "IDLE"
         result = {}
         slow = threading.Thread(target=lambda: result.setdefault("r", http.post(
-            "/text-to-image", json={"prompt": "a cat", "width": 512, "height": 512,
+            "/text-to-image", json={"prompt": "a cat", "width": 256, "height": 256,
                                     "num_inference_steps": 12})))
         slow.start()
         deadline = time.monotonic() + 30
@@ -95,9 +101,14 @@ def test_sigterm_lets_the_request_in_flight_finish(runner_process):
         while busy not in http.get("/metrics/").text:
             assert time.monotonic() < deadline, "the slow request never started"
             time.sleep(0.02)
+        stopping = time.monotonic()
         runner_process.proc.send_signal(signal.SIGTERM)
         slow.join(60)
     assert result["r"].status_code == 200, result["r"].text
+    runner_process.proc.wait(30)
+    stopped_in = time.monotonic() - stopping
+    print(f"SIGTERM to exit, a request in flight: {stopped_in:.1f} s")
+    assert stopped_in < golivepeer.STOP_TIMEOUT, f"stopped in {stopped_in:.1f} s"
 
 
 @pytest.mark.parametrize("runner_process", [
@@ -107,7 +118,7 @@ def test_several_pipelines_in_one_process(runner_process):
     first_answer(url, time.monotonic() + 60)
     image = {"image": ("in.png", png_bytes(64, 64), "image/png")}
     with httpx.Client(base_url=url, timeout=120) as http:
-        assert wait_ready(http) == "OK"
+        assert wait_ready(http) == "IDLE"
         warm = {m["id"] for m in http.get("/models").json()["models"]}
         assert {"timbrooks/instruct-pix2pix", "stabilityai/stable-video-diffusion-img2vid-xt",
                 "stabilityai/stable-diffusion-x4-upscaler"} <= warm
@@ -145,7 +156,7 @@ def test_speech_and_vision_pipelines_in_one_process(runner_process):
         container.mux(stream.encode(None))
     image = {"image": ("in.png", png_bytes(48, 32), "image/png")}
     with httpx.Client(base_url=url, timeout=120) as http:
-        assert wait_ready(http) == "OK"
+        assert wait_ready(http) == "IDLE"
         r = http.post("/audio-to-text", files={"audio": ("a.wav", buf.getvalue(), "audio/wav")})
         assert r.status_code == 200 and isinstance(r.json()["text"], str), r.text
         r = http.post("/image-to-text", files=image)
@@ -161,7 +172,7 @@ def test_llm_serves_chat_on_cpu(runner_process):
     first_answer(url, time.monotonic() + 60)
     body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
     with httpx.Client(base_url=url, timeout=60) as http:
-        assert wait_ready(http) == "OK"
+        assert wait_ready(http) == "IDLE"
         r = http.post("/llm", json=body)
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
         r = http.post("/llm", json={**body, "stream": True})

@@ -153,4 +153,4 @@ def test_a_second_oom_is_a_500_and_the_runner_keeps_serving(sizes):
         assert "out of memory" in r.json()["detail"]["msg"]
         assert list(attempts.values()) == [2]
         assert small_request(client, T2I).status_code == 200
-        assert client.get("/health").json()["status"] == "OK"
+        assert client.get("/health").json()["status"] == "IDLE"

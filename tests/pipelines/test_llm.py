@@ -20,6 +20,7 @@ from pipelines import llm
 from runner.app import create_app
 from runner.settings import Settings
 from tests.conftest import serving, wait_ready
+from tests.support import golivepeer
 from tests.support.contract import assert_valid
 from tests.support.ollama_double import REPLY, OllamaDouble, tokens
 
@@ -137,14 +138,15 @@ def test_stream(tiny_llm):
     (chat(model="no/such-model"), "model_id"),
     (chat(model="llama3.1:8b"), "model"),  # an Ollama tag, but this app runs transformers
 ])
-def test_invalid_requests_are_422(tiny_llm, body, field):
+def test_invalid_requests_are_400_naming_the_field(tiny_llm, body, field):
+    """go-livepeer's worker answers a decoded /llm 422 to its client as "200 null", so on /llm
+    a schema error is the 400 it reads, its message naming the field."""
     for stream in (False, True):
         r = tiny_llm.post("/llm", json={**body, "stream": stream})
         if field == "model" and stream:
             continue  # checked in the stream itself, after the 200
-        assert r.status_code == 422, r.text
-        detail = r.json()["detail"]
-        assert isinstance(detail, list) and field in detail[0]["loc"], detail
+        assert r.status_code == 400, r.text
+        assert r.json()["detail"]["msg"].startswith(field), r.json()
 
 
 def test_closing_a_stream_stops_the_generation(tiny_llm):
@@ -191,7 +193,7 @@ def test_stop_scanner_holds_back_partial_stop_texts():
 
 @contextmanager
 def ollama_app(tmp_path_factory, monkeypatch, double: OllamaDouble | None, url: str = "",
-               ready: str = "OK", **env) -> Iterator[TestClient]:
+               ready: str = "IDLE", **env) -> Iterator[TestClient]:
     """The llm pipeline in tiny mode, forced onto the Ollama backend: through the double's
     mock transport, or (double None) to `url` over real sockets."""
     monkeypatch.setenv("LLM_BACKEND", "ollama")
@@ -265,22 +267,26 @@ def test_ollama_tags_directly(tmp_path_factory, monkeypatch, double):
         sent = double.calls("/api/chat")[-1]
         assert sent["model"] == "qwen2.5:7b" and "keep_alive" not in sent
         r = client.post("/llm", json=chat(model="phi3:mini"))
-        assert r.status_code == 422
-        assert "'phi3:mini'" in r.json()["detail"][0]["msg"]
-        # Streaming: the daemon's 404 arrives before the first chunk, so it is a 422 too.
+        assert r.status_code == 400
+        assert r.json()["detail"]["msg"].startswith("model: ")
+        assert "'phi3:mini'" in r.json()["detail"]["msg"]
+        # Streaming: the daemon's 404 arrives before the first chunk, so it is a 400 too.
         r = client.post("/llm", json=chat(model="phi3:mini", stream=True))
-        assert r.status_code == 422
-        assert "'phi3:mini'" in r.json()["detail"][0]["msg"]
+        assert r.status_code == 400
+        assert "'phi3:mini'" in r.json()["detail"]["msg"]
+        # /v1 answers a model it lacks as OpenAI does, a 4xx in FastAPI's 422 list shape.
+        r = client.post("/v1/chat/completions", json=chat(model="phi3:mini"))
+        assert r.status_code == 422 and "'phi3:mini'" in r.json()["detail"][0]["msg"]
 
 
-def test_ollama_missing_model_is_422_or_pulled(tmp_path_factory, monkeypatch, double):
+def test_ollama_missing_model_is_400_or_pulled(tmp_path_factory, monkeypatch, double):
     mistral = "mistralai/Mistral-7B-Instruct-v0.3"
     with ollama_app(tmp_path_factory, monkeypatch, double) as client:
         r = client.post("/llm", json=chat(model=mistral))
-        assert r.status_code == 422, r.text
-        (detail,) = r.json()["detail"]
-        assert detail["loc"] == ["body", "model"]
-        assert "'mistral:7b'" in detail["msg"] and "OLLAMA_PULL=1" in detail["msg"]
+        assert r.status_code == 400, r.text
+        msg = r.json()["detail"]["msg"]
+        assert msg.startswith("model: ")
+        assert "'mistral:7b'" in msg and "OLLAMA_PULL=1" in msg
         assert not double.calls("/api/pull")
     with ollama_app(tmp_path_factory, monkeypatch, double, OLLAMA_PULL="1") as client:
         r = client.post("/llm", json=chat(model=mistral))
@@ -289,7 +295,7 @@ def test_ollama_missing_model_is_422_or_pulled(tmp_path_factory, monkeypatch, do
         assert double.calls("/api/chat")[-1]["model"] == "mistral:7b"
         # A tag the registry does not have either: 422 naming it, with the daemon's reason.
         r = client.post("/llm", json=chat(model="nonexistent:1b"))
-        assert r.status_code == 422 and "file does not exist" in r.text
+        assert r.status_code == 400 and "file does not exist" in r.text
 
 
 def test_ollama_needs_no_weights_on_disk(tmp_path, monkeypatch, double):
@@ -300,7 +306,7 @@ def test_ollama_needs_no_weights_on_disk(tmp_path, monkeypatch, double):
     monkeypatch.setattr(llm, "CLIENT_OPTIONS", {"transport": double.transport})
     settings = Settings(pipeline="llm", tiny=False, device="cpu", model_dir=tmp_path)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-        assert wait_ready(client) == "OK"
+        assert wait_ready(client) == "IDLE"
         r = client.post("/llm", json=chat())
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == REPLY
@@ -313,51 +319,72 @@ def closed_port_url() -> str:
 
 
 def test_ollama_daemon_down(tmp_path_factory, monkeypatch, double):
-    # Down from the start: the warm-up fails (/health ERROR) and requests get a clear 503.
+    # Down from the start: the warm-up fails (/health ERROR) and requests get a clear busy
+    # answer: on /llm the 500 "insufficient capacity" go-livepeer can read, on /v1 a 503.
     url = closed_port_url()
     with ollama_app(tmp_path_factory, monkeypatch, None, url=url, ready="ERROR",
                     OLLAMA_WAIT="0") as client:
         r = client.post("/llm", json=chat())
-        assert r.status_code == 503, r.text
+        assert r.status_code == 500, r.text
         assert r.headers["retry-after"]
         msg = r.json()["detail"]["msg"]
+        assert msg.startswith("insufficient capacity: ")
         assert "Ollama daemon" in msg and url in msg and "not reachable" in msg
-    # Down after the start: 503, streaming or not (it fails before the first chunk).
+        assert golivepeer.survives("/llm", r).kind == "error"
+        r = client.post("/v1/chat/completions", json=chat())
+        assert r.status_code == 503 and r.headers["retry-after"], r.text
+    # Down after the start: busy, streaming or not (it fails before the first chunk).
     with ollama_app(tmp_path_factory, monkeypatch, double) as client:
         service = client.app.state.service
         backend = service.cache.resident(service.registry.default("llm"))
         assert asyncio.run(llm.health(backend)) is True
         double.down = True
-        r = client.post("/llm", json=chat())
-        assert r.status_code == 503 and "not reachable" in r.json()["detail"]["msg"]
-        r = client.post("/llm", json=chat(stream=True))
-        assert r.status_code == 503 and "not reachable" in r.json()["detail"]["msg"]
+        for body in (chat(), chat(stream=True)):
+            r = client.post("/llm", json=body)
+            assert r.status_code == 500 and "not reachable" in r.json()["detail"]["msg"]
         assert asyncio.run(llm.health(backend)) is False
 
 
-def test_ollama_error_mid_stream_is_in_band(tmp_path_factory, monkeypatch, double):
+def assert_failed_stream(text: str, tokens_before: int) -> list[dict]:
+    """A stream that failed after it started, as go-livepeer reads it: every line a chunk it
+    decodes, each with choices, the last with finish_reason "error" and an empty delta, then
+    [DONE]; the relay stops at that last chunk."""
+    data = sse_data(text)
+    assert data[-1] == "[DONE]" and len(data) == tokens_before + 2, data
+    read = golivepeer.read_llm_stream(text)
+    assert not read.decode_errors and read.relayed == read.chunks
+    last = read.chunks[-1]
+    assert last["choices"] == [{"index": 0, "finish_reason": "error",
+                                "delta": {"role": "assistant", "content": ""}}]
+    assert last["id"] == read.chunks[0]["id"]
+    assert_valid(last, "LLMResponse")
+    return read.chunks
+
+
+def test_ollama_error_mid_stream_ends_the_stream_with_an_error_chunk(tmp_path_factory,
+                                                                     monkeypatch, double,
+                                                                     caplog):
     with ollama_app(tmp_path_factory, monkeypatch, double) as client:
         double.fail_after = 2
         r = client.post("/llm", json=chat(stream=True))
         assert r.status_code == 200
-        data = sse_data(r.text)
-        assert "[DONE]" not in data and len(data) == 3, data
-        assert text_of([json.loads(d) for d in data[:2]]) == "".join(tokens(REPLY)[:2])
-        error = json.loads(data[2])
-        assert "GGML_ASSERT" in error["error"]["message"]
+        chunks = assert_failed_stream(r.text, 2)
+        assert text_of(chunks[:2]) == "".join(tokens(REPLY)[:2])
+        assert "GGML_ASSERT" in caplog.text  # the reason is in the log
+        # /v1 keeps OpenAI's convention: an error object, which the openai client raises.
+        r = client.post("/v1/chat/completions", json=chat(stream=True))
+        *_, last, done = sse_data(r.text)
+        assert "GGML_ASSERT" in json.loads(last)["error"]["message"] and done == "[DONE]"
 
 
 def test_ollama_daemon_gone_mid_stream(tmp_path_factory, monkeypatch, double):
-    """The daemon dies after two tokens: the stream ends with an in-band 503-style error, and
-    the runner answers the next request (here from the daemon back up) as usual."""
+    """The daemon dies after two tokens: the stream ends with a last chunk whose finish_reason
+    is "error", and the runner answers the next request (the daemon back up) as usual."""
     with ollama_app(tmp_path_factory, monkeypatch, double) as client:
         double.die_after = 2
         r = client.post("/llm", json=chat(stream=True))
         assert r.status_code == 200
-        data = sse_data(r.text)
-        assert "[DONE]" not in data and len(data) == 3, data
-        error = json.loads(data[2])["error"]
-        assert "not reachable" in error["message"] and error["code"] == 503
+        assert_failed_stream(r.text, 2)
         double.die_after = None
         assert client.post("/llm", json=chat()).status_code == 200
 
@@ -392,7 +419,7 @@ def test_disconnect_closes_the_upstream_stream(tmp_path_factory, monkeypatch, li
         app = create_app(settings)
         server = live_server(app)
         with server.client() as client:
-            assert wait_ready(client) == "OK"
+            assert wait_ready(client) == "IDLE"
             started = time.monotonic()
             with client.stream("POST", "/llm", json=chat(stream=True)) as r:
                 assert r.status_code == 200
@@ -430,4 +457,4 @@ def test_health_follows_the_daemon(tmp_path_factory, monkeypatch, double):
         double.down = True
         assert settles_on("ERROR")
         double.down = False
-        assert settles_on("OK")
+        assert settles_on("IDLE")

@@ -371,6 +371,6 @@ def test_torch_compile_compiles_the_image_encoder_and_warms_it_at_load(tmp_path,
                         lambda self, pixels: embedded.append(pixels.shape) or
                         original(self, pixels))
     with serving("segment-anything-2", tmp_path / "tiny", torch_compile=True) as client:
-        assert client.get("/health").json() == {"status": "OK"}
+        assert client.get("/health").json() == {"status": "IDLE"}
     assert compiled == ["Sam2VisionModel"]
     assert embedded == [(64, 64, 3)]  # the warm-up, before any request
