@@ -21,6 +21,9 @@ target "_common" {
   context    = "."
   dockerfile = "docker/Dockerfile"
   platforms  = ["linux/amd64"]
+  args = {
+    RUNNER_VERSION = "${VERSION}"
+  }
   labels = {
     "org.opencontainers.image.title"   = "runner"
     "org.opencontainers.image.version" = "${VERSION}"

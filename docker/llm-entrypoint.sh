@@ -15,9 +15,16 @@ case "$OLLAMA_HOST" in
   *) url="http://$OLLAMA_HOST" ;;
 esac
 
-if [ -n "${OLLAMA_MODELS:-}" ] && ! mkdir -p "$OLLAMA_MODELS" 2>/dev/null; then
-  echo "llm-entrypoint: cannot create OLLAMA_MODELS=$OLLAMA_MODELS as uid $(id -u);" \
-       "make it writable (e.g. chown $(id -u) on the host folder)" >&2
+# The daemon must write its model store (pulls, pruning). go-livepeer creates -aiModelsDir as
+# its own user (usually root) and the image runs as uid 1000, so a store it cannot write is
+# refused at once, in one line: not run as root to take it over, not moved to a folder inside
+# the container (its models would vanish with the container), and an exit at start is one
+# failed Warm in go-livepeer, not a restart loop.
+if [ -n "${OLLAMA_MODELS:-}" ] && ! { mkdir -p "$OLLAMA_MODELS" 2>/dev/null \
+    && [ -w "$OLLAMA_MODELS" ] && [ -x "$OLLAMA_MODELS" ]; }; then
+  echo "llm-entrypoint: OLLAMA_MODELS=$OLLAMA_MODELS is not writable by uid $(id -u):" \
+       "on the host, run: sudo mkdir -p <models dir>/ollama &&" \
+       "sudo chown -R $(id -u):$(id -g) <models dir>/ollama (docs/deploy.md)" >&2
   exit 1
 fi
 

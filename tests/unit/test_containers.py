@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import tomllib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import runner
 from runner.pipeline import discover
 from runner.registry import Registry
 from runner.settings import OPTIMISATION_FLAGS, REPO_ROOT, Settings
+from tests.support import golivepeer
 
 
 def load(path: Path):
@@ -399,6 +401,32 @@ def test_runtime_contract(name):
     assert command[-3:] == ["python", "-m", "runner"]
 
 
+def healthy_pattern(check: str) -> re.Pattern:
+    """The `grep -qE '...'` a health check pipes /health's body through."""
+    (pattern,) = re.findall(r"grep -qE '([^']+)'", check.replace('\\"', '"'))
+    return re.compile(pattern)
+
+
+@pytest.mark.parametrize("check", [IMAGES["diffusion"].healthcheck,
+                                   " ".join(COMPOSE_SPEC["x-runner"]["healthcheck"]["test"])])
+def test_health_checks_take_every_status_but_error(check):
+    pattern = healthy_pattern(check)
+    for status in ("LOADING", "IDLE", "OK"):
+        assert pattern.search(json.dumps({"status": status})), status
+    assert not pattern.search(json.dumps({"status": "ERROR"}))
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_images_fit_go_livepeers_container_lifecycle(name):
+    """/version compares as the contract version; a cold load fits the queue timeout; a stop
+    finishes before go-livepeer's SIGKILL."""
+    env = IMAGES[name].env
+    assert env["VERSION"] == runner.wire_version()
+    assert golivepeer.compatible(runner.CONTRACT_VERSION, env["VERSION"])
+    assert float(env["QUEUE_TIMEOUT"]) >= golivepeer.CONTAINER_TIMEOUT
+    assert int(env["SHUTDOWN_GRACE_SECONDS"]) + 2 < golivepeer.STOP_TIMEOUT
+
+
 @pytest.mark.parametrize("name", sorted(IMAGES))
 def test_env_names_are_settings_or_known_variables(name):
     unknown = set(IMAGES[name].env) - KNOWN_ENV
@@ -474,6 +502,11 @@ def test_bake_builds_every_image_with_family_version_tags():
         assert attrs["dockerfile"] == "docker/Dockerfile" and attrs["context"] == "."
         assert attrs["tags"] == [f"${{REGISTRY}}runner:{name}-${{VERSION}}"]
     assert set(bake_tags().values()) == set(IMAGES)
+    # The runner's own version reaches /version as build metadata.
+    (common,) = [body for kind, label, body in hcl_blocks(BAKE.read_text())
+                 if kind == "target" and label == "_common"]
+    assert re.search(r'RUNNER_VERSION\s*=\s*"\$\{VERSION\}"', common)
+    assert IMAGES["diffusion"].env["VERSION"].endswith(f"+runner.{VARIABLES['VERSION']}")
 
 
 # -- compose.yaml --------------------------------------------------------------------------------
@@ -515,6 +548,9 @@ def test_compose_env_values_are_valid_settings(monkeypatch):
 # -- go-livepeer examples ------------------------------------------------------------------------
 
 def ai_models(name: str) -> list[dict]:
+    """An example's entries, as go-livepeer's parser takes them (prices as JSON numbers, a
+    currency in its own field; tests/support/golivepeer.py), and naming what the runner has."""
+    golivepeer.parse_ai_models((EXAMPLES / name).read_text())
     entries = json.loads((EXAMPLES / name).read_text())
     assert isinstance(entries, list) and entries
     for entry in entries:
@@ -523,11 +559,7 @@ def ai_models(name: str) -> list[dict]:
         assert entry["model_id"] in {e.id for e in REGISTRY.entries(entry["pipeline"])}
         assert isinstance(entry.get("warm", False), bool)
         assert set(entry.get("optimization_flags", {})) <= set(OPTIMISATION_FLAGS)
-        price = entry["price_per_unit"]  # wei, or go-livepeer's "<decimal><currency>"
-        assert isinstance(price, int) or re.fullmatch(r"\d+(\.\d+)?([A-Za-z][A-Za-z0-9]*)?",
-                                                      price), price
-        assert isinstance(entry.get("pixels_per_unit", 1), int) and entry.get(
-            "pixels_per_unit", 1) > 0
+        assert entry.get("currency", "USD") in ("USD", "wei", "ETH"), entry
     return entries
 
 
@@ -627,3 +659,33 @@ def test_entrypoint_stops_the_runner_when_the_daemon_dies(fake_ollama):
     done = fake_ollama("sleep", "30", lifetime=1.5)
     assert done.returncode == 7
     assert "ollama serve exited (status 7); stopping sleep" in done.stderr
+
+
+def test_entrypoint_refuses_a_model_store_it_cannot_write_in_one_line():
+    """go-livepeer creates -aiModelsDir as its own user; the image runs as uid 1000. A store
+    without write permission (as root: run as nobody, since root may write anywhere) is
+    refused before the daemon starts, in one line that says how to fix it."""
+    root = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        root.chmod(0o755)
+        store = root / "models" / "ollama"
+        store.mkdir(parents=True)
+        store.chmod(0o555)
+        script = root / "llm-entrypoint.sh"
+        shutil.copy(REPO_ROOT / "docker" / "llm-entrypoint.sh", script)
+        command = ["bash", str(script), "sh", "-c", "exit 3"]
+        uid = os.getuid()
+        if uid == 0:
+            uid = 65534
+            command = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                       *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, env={
+            **os.environ, "OLLAMA_MODELS": str(store),
+            "OLLAMA_HOST": f"http://127.0.0.1:{free_port()}"})
+        assert done.returncode == 1, done.stderr
+        (line,) = done.stderr.strip().splitlines()
+        assert f"OLLAMA_MODELS={store} is not writable by uid {uid}" in line
+        assert f"chown -R {uid}:" in line
+    finally:
+        store.chmod(0o755)
+        shutil.rmtree(root)
