@@ -38,6 +38,7 @@ serve-tts: install-tts
 test: install install-tts
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 	OMP_NUM_THREADS=1 $(TTS_PY) -m pytest -q tests/tts tests/api/test_cuda_branches_on_cpu.py
+	OMP_NUM_THREADS=1 $(TTS_PY) -m pytest -q tests/hardening/test_fuzz_openapi.py -k speech
 
 # Exit 5 means pytest collected nothing: no CUDA on this machine, which is not a failure.
 test-gpu: install
