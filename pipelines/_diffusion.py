@@ -3,6 +3,7 @@ random-weight checkpoints for CPU mode. No routes or request models live here.""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -252,9 +253,7 @@ def generators(device: Device, image_seeds: list[int]) -> list[Any]:
 def prompt_kwargs(pipe: Any, prompt: str, negative: str) -> dict[str, str]:
     """`a|b` feeds prompt and prompt_2 (SDXL's second text encoder); a model with a single
     text encoder gets the text unsplit."""
-    import inspect
-
-    params = inspect.signature(pipe.__call__).parameters
+    params = call_params(type(pipe))
     slots = [s for s in PROMPT_SLOTS if s in params]
     kwargs: dict[str, str] = {}
     for kind, text in (("", prompt), ("negative_", negative)):
@@ -271,10 +270,17 @@ def prompt_kwargs(pipe: Any, prompt: str, negative: str) -> dict[str, str]:
 def accepted(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments this pipeline's __call__ takes (image_guidance_scale only
     means something to InstructPix2Pix, strength only to img2img)."""
+    params = call_params(type(pipe))
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+@functools.cache
+def call_params(cls: type) -> frozenset[str]:
+    """The parameter names of a pipeline class's __call__, read once per class: building a
+    signature costs more than the rest of a request's own bookkeeping."""
     import inspect
 
-    params = inspect.signature(pipe.__call__).parameters
-    return {k: v for k, v in kwargs.items() if k in params}
+    return frozenset(inspect.signature(cls.__call__).parameters)
 
 
 def generate_images(model: DiffusionModel, request: Any, ctx: Any,

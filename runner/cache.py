@@ -153,7 +153,21 @@ class ModelCache:
         # bytes are only checked for a leak when nothing else changed the device meanwhile.
         self._changing = self._changes = 0
         self._runs = 0  # reservations ever started: a move's leak check needs none meanwhile
-        self._publish()
+        self._expose_gauges()
+
+    def _expose_gauges(self) -> None:
+        """The byte gauges read this cache when scraped, not on every request (a weak
+        reference: a later cache of the process, a test's, takes them over)."""
+        cache = weakref.ref(self)
+
+        def reading(value: Callable[[ModelCache], float]) -> Callable[[], float]:
+            return lambda: value(c) if (c := cache()) is not None else 0.0
+
+        metrics.BUDGET_BYTES.set_function(reading(lambda c: c.budget))
+        metrics.FOREIGN_BYTES.set_function(reading(lambda c: c.foreign + c.leaked))
+        metrics.RESIDENT_BYTES.labels("device").set_function(reading(lambda c: c.resident_bytes))
+        metrics.RESIDENT_BYTES.labels("host").set_function(reading(lambda c: c.tier_bytes("host")))
+        metrics.RUNNING_BYTES.set_function(reading(lambda c: c.running_bytes))
 
     # -- bookkeeping --------------------------------------------------------------------------
 
@@ -192,14 +206,6 @@ class ModelCache:
         ours_elsewhere = sum(s.bytes for s in self._slots.values()
                              if s.tier == "device" and self._loader.external(s.model))
         self.foreign = max(0, self.memory.others() - ours_elsewhere)
-        self._publish()
-
-    def _publish(self) -> None:
-        metrics.BUDGET_BYTES.set(self.budget)
-        metrics.FOREIGN_BYTES.set(self.foreign + self.leaked)
-        metrics.RESIDENT_BYTES.labels("device").set(self.resident_bytes)
-        metrics.RESIDENT_BYTES.labels("host").set(self.tier_bytes("host"))
-        metrics.RUNNING_BYTES.set(self.running_bytes)
 
     def _notify(self) -> None:
         """Wake everything waiting for room; and once no request holds a model, bring demoted
@@ -208,7 +214,6 @@ class ModelCache:
         self._changed = asyncio.Event()
         for s in self._slots.values():
             s.waiting = 0  # all woken
-        self._publish()
         if self._restoring is None and self._device_idle() and any(
                 s.pinned and s.tier == "host" and s.idle for s in self._slots.values()):
             self._restoring = asyncio.ensure_future(self._restore_pinned())
@@ -399,7 +404,6 @@ class ModelCache:
         self._reservations.add(r)
         self._runs += 1
         slot.running += nbytes
-        self._publish()
         try:
             yield r
         finally:

@@ -274,3 +274,20 @@ def test_a_run_retried_after_out_of_memory_reads_its_upload_again(echo, monkeypa
     assert r.status_code == 200, r.text
     assert attempts == [len(PNG[1])] * 2
     assert (r.json()["width"], r.json()["height"]) == (32, 24)
+
+
+def test_the_byte_gauges_read_the_cache_when_scraped(echo):
+    """Budget, resident and running bytes are read from the cache at scrape time, not
+    written on every request."""
+    import re
+
+    cache = echo.app.state.service.cache
+    text = echo.get("/metrics/").text
+
+    def gauge(name: str) -> float:
+        (value,) = re.findall(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+        return float(value)
+
+    assert gauge("runner_budget_bytes") == cache.budget
+    assert gauge('runner_resident_bytes{tier="device"}') == cache.resident_bytes > 0
+    assert gauge("runner_running_bytes") == cache.running_bytes == 0
