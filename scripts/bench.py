@@ -38,12 +38,14 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
+import bench_fidelity  # noqa: E402
 import bench_inputs  # noqa: E402
+import bench_overhead  # noqa: E402
 import bench_report  # noqa: E402
 from _common import ROOT  # noqa: E402,F401  (puts the repo on sys.path)
 from bench_inputs import Options  # noqa: E402
 
-DATE = "2026-11-21"
+DATE = time.strftime("%Y-%m-%d")
 COLD_MODEL = "stabilityai/sd-turbo"
 TOO_SLOW = ("--full-size builds and serves the real architectures (SDXL's UNet alone has 2.6 B "
             "parameters): on a CPU that takes many minutes per request. Run it on a GPU, or "
@@ -86,6 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--naive", action="store_true",
                         help="also time the plain library path on the same weights")
     parser.add_argument("--force", action="store_true", help="--full-size on a CPU anyway")
+    parser.add_argument("--overhead", type=int, default=0, metavar="ROUNDS",
+                        help="also measure the runner's own cost per request over this many "
+                        "rounds (scripts/bench_overhead.py): the server's time outside the "
+                        "model's stages, and for text-to-image the bare pipeline call plus "
+                        "safety check interleaved with the requests")
     parser.add_argument("--cache", action="store_true",
                         help="also time the cache: a hit, loads from disk and from the host "
                         "tier, a demotion and a drop (first pipeline, its sd-turbo-like "
@@ -105,24 +112,22 @@ def cuda_peak_mib() -> float:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-def timed(client: Any, call: bench_inputs.Call, cuda: bool) -> dict:
+def timed(client: Any, call: bench_inputs.Call, cuda: bool, plan: Plan | None = None) -> dict:
     """One request: status, wall time through the app, its Server-Timing stages (ms) and, on
-    CUDA, the peak allocated while it ran (the runner resets the peak at each run)."""
+    CUDA, the peak allocated while it ran (the runner resets the peak at each run). The
+    answer is kept on `plan` (the last one is compared with the naive path's)."""
     started = time.perf_counter()
     response = call.send(client)
+    if plan is not None and response.status_code == 200:
+        plan.answer = response.json()
     record = {"status": response.status_code,
               "http_ms": (time.perf_counter() - started) * 1000,
-              "stages": stages(response.headers.get("server-timing", ""))}
+              "stages": bench_overhead.server_timing(response.headers.get("server-timing", ""))}
     if response.status_code != 200:
         record["error"] = response.text[:300]
     if cuda:
         record["peak_cuda_mib"] = cuda_peak_mib()
     return record
-
-
-def stages(header: str) -> dict[str, float]:
-    return {name.strip(): float(ms) for name, ms in
-            (part.split(";dur=") for part in header.split(",") if ";dur=" in part)}
 
 
 def wait_ready(client: Any, timeout: float = 3600) -> str:
@@ -146,6 +151,8 @@ class Plan:
     cold_model: str
     requests: int
     settings: dict
+    overhead: int = 0  # rounds of scripts/bench_overhead.py; 0: not measured
+    answer: Any = None  # the last request's answer, for the fidelity comparison
 
     def complete(self, tiny: bool) -> None:
         self.options = bench_inputs.defaults(self.options, self.pipeline, tiny)
@@ -171,7 +178,8 @@ def serve_and_time(plan: Plan) -> dict:
                            "device": service.device.type,
                            "dtype": str(service.device.dtype(entry.dtype)).replace("torch.", ""),
                            "settings": settings_of(plan)}
-    with TestClient(app, raise_server_exceptions=False) as client:
+    clock = bench_overhead.ServerClock(app)
+    with TestClient(clock, raise_server_exceptions=False) as client:
         status = wait_ready(client)
         run["startup_s"] = time.perf_counter() - started
         if status != "IDLE":
@@ -184,7 +192,10 @@ def serve_and_time(plan: Plan) -> dict:
             run["cold_model"], run["cold"] = plan.cold_model, timed(client, cold, cuda)
         calls = [bench_inputs.request(plan.pipeline, plan.options, i)
                  for i in range(plan.requests + 1)]
-        records = [timed(client, call, cuda) for call in calls]
+        records = [timed(client, call, cuda, plan) for call in calls]
+        if plan.overhead and records[-1]["status"] == 200:
+            run["overhead"] = bench_overhead.measure(client, clock, service, plan.pipeline,
+                                                     calls[-1], plan.overhead)
         described = client.get("/models").json()["models"]
     for record in [run.get("cold"), *records]:
         if record and record["status"] != 200:
@@ -246,7 +257,8 @@ def naive(run: dict, plan: Plan, requests: int) -> dict:
     folder = ModelFiles(Path(run["model_dir"])).folder(entry.main.repo, entry.main.revision)
     context = bench_naive.Context(
         plan.pipeline, entry, folder, run["device"], plan.options,
-        lambda i: bench_inputs.request(plan.pipeline, plan.options, i))
+        lambda i: bench_inputs.request(plan.pipeline, plan.options, i),
+        ModelFiles(Path(run["model_dir"])))
     return bench_naive.measure(context, requests)
 
 
@@ -258,7 +270,12 @@ def with_naive(run: dict, plan: Plan) -> dict:
         configure_for_tiny()  # the runner's tiny mode runs one torch thread: so does naive
     log(f"[{plan.pipeline}] naive baseline on the same weights ...")
     result = naive(run, plan, plan.requests)
+    last = result.pop("last_output", None)
     run["naive"] = result
+    if plan.answer is not None and "error" not in result:
+        run["fidelity"] = bench_fidelity.compare(
+            plan.pipeline, bench_fidelity.runner_output(plan.pipeline, plan.answer),
+            bench_fidelity.naive_output(plan.pipeline, last))
     runner_ms = (run["steady"]["http_ms"] or {}).get("median")
     if "error" not in result and result["steady_ms"] and runner_ms:
         run["naive_ratio"] = bench_report.summarize(result["steady_ms"])["median"] / runner_ms
@@ -348,7 +365,7 @@ def bench_one(pipeline: str, args: argparse.Namespace, weights: Path | None,
         if full:
             settings = full_size_settings(pipeline, options, cold, weights, device)
             release_memory()  # the build's peak is not the runner's
-        plan = Plan(pipeline, options, cold, args.requests, settings)
+        plan = Plan(pipeline, options, cold, args.requests, settings, args.overhead)
         log(f"[{pipeline}] serving ({'full-size' if full else 'environment'} models) ...")
         run = serve_and_time(plan)
     except (ValueError, RunnerError, SystemExit) as exc:  # a bad --model; nothing to build

@@ -143,5 +143,6 @@ def request(pipeline: str, options: Options, index: int = 0) -> Call:
     if pipeline == "llm":
         return Call("/llm", json={"messages": [{"role": "user", "content": "Tell me a story "
                                                 "about a cat and a dog."}],
-                                  "model": model, "max_tokens": o.max_tokens, "seed": 1})
+                                  "model": model, "max_tokens": o.max_tokens, "seed": 1,
+                                  "temperature": 0})
     raise SystemExit(f"no bench request for pipeline {pipeline!r}")

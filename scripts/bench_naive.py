@@ -3,8 +3,10 @@ on the same weights folder the runner served, in the same process: `from_pretrai
 float32 (asked for explicitly: a float16 snapshot would otherwise load some parts at half),
 the library's default attention, no batching, no caches, outputs encoded as a plain server
 would (PNG at PIL's default compression, json.dumps). The request's settings (size, steps,
-guidance) are the ones the runner ran with, so the ratio compares implementations, not
-settings. No runner code runs here except argument filtering."""
+guidance, the scheduler and the components the model's entry names: the fp16-fix VAE, a
+Lightning UNet file) are the ones the runner ran with, so the ratio compares implementations,
+not settings, and the outputs can be compared (scripts/bench_fidelity.py). No runner code runs
+here except argument filtering and naming the scheduler."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class Context:
     device: str
     options: Options
     calls: Callable[[int], Call]
+    files: Any = None  # the runner's ModelFiles over the same MODEL_DIR: component folders
 
     def value(self, key: str, explicit: Any = None, fallback: Any = None) -> Any:
         """A setting as the runner resolved it: fixed, else sent, else the model's default."""
@@ -68,12 +71,42 @@ def float32() -> dict[str, Any]:
 
 
 def diffusers_pipe(cls: Any, c: Context) -> Any:
-    """A diffusers pipeline from the folder, in float32 on the device, without progress bars."""
+    """A diffusers pipeline from the folder, in float32 on the device, without progress bars,
+    with the components and the scheduler the model's entry names."""
     import torch
 
-    pipe = cls.from_pretrained(c.folder, dtype=torch.float32).to(c.device)
+    from pipelines._diffusion import set_scheduler
+
+    parts = {name: loader(c) for name, loader in COMPONENTS.items()
+             if name in c.entry.components}
+    pipe = cls.from_pretrained(c.folder, dtype=torch.float32, **parts).to(c.device)
+    set_scheduler(pipe, c.entry.options.get("scheduler"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def component_vae(c: Context) -> Any:
+    import torch
+    from diffusers import AutoencoderKL
+
+    source = c.entry.components["vae"]
+    return AutoencoderKL.from_pretrained(c.files.folder(source.repo, source.revision),
+                                         dtype=torch.float32)
+
+
+def component_unet(c: Context) -> Any:
+    """A step-distilled UNet file (SDXL-Lightning) in the base UNet's architecture."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    source = c.entry.components["unet"]
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(c.folder / "unet"))
+    unet.load_state_dict(load_file(c.files.file(source.repo, source.file, source.revision)))
+    return unet.to(torch.float32)
+
+
+COMPONENTS = {"vae": component_vae, "unet": component_unet}
 
 
 def text_to_image(c: Context) -> Run:
@@ -115,7 +148,9 @@ def image_to_video(c: Context) -> Run:
                 num_inference_steps=c.value("num_inference_steps", c.options.steps, 25),
                 fps=c.value("fps", None, 7),
                 motion_bucket_id=c.value("motion_bucket_id", None, 127),
-                noise_aug_strength=c.value("noise_aug_strength", None, 0.02))
+                noise_aug_strength=c.value("noise_aug_strength", None, 0.02),
+                # a setting of the model's entry: the temporal VAE's output depends on it
+                decode_chunk_size=int(c.entry.options.get("decode_chunk_size", 8)))
     return lambda i: [png(f) for f in pipe(image, **args, generator=c.generator()).frames[0]]
 
 
@@ -226,9 +261,9 @@ def llm(c: Context) -> Run:
                                            return_tensors="pt", return_dict=True).to(c.device)
     tokens = c.options.max_tokens
 
-    def run(i: int) -> str:
-        out = model.generate(**prompt, max_new_tokens=tokens)
-        return tokenizer.decode(out[0], skip_special_tokens=True)
+    def run(i: int) -> str:  # greedy, as the bench asks the runner (temperature 0)
+        out = model.generate(**prompt, max_new_tokens=tokens, do_sample=False)
+        return tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
 
     return run
 
@@ -253,14 +288,16 @@ def measure(c: Context, requests: int) -> dict:
         started = time.perf_counter()
         run = NAIVE[c.pipeline](c)
         load_s = time.perf_counter() - started
-        times = []
+        times, output = [], None
         for i in range(requests + 1):
             started = time.perf_counter()
-            run(i)
+            output = run(i)
             times.append((time.perf_counter() - started) * 1000)
     except Exception as exc:  # noqa: BLE001 - the baseline failing is a result
         return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-    result = {"load_s": load_s, "first_ms": times[0], "steady_ms": times[1:]}
+    # last_output: the answer to the same request as the runner's last (never written out)
+    result = {"load_s": load_s, "first_ms": times[0], "steady_ms": times[1:],
+              "last_output": output}
     if cuda:
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result

@@ -8,6 +8,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import bench_fidelity
+
 
 def summarize(values: list[float]) -> dict[str, float] | None:
     if not values:
@@ -108,13 +110,31 @@ def naive_rows(runs: list[dict]) -> list[list[str]]:
             continue
         if "error" in naive:
             rows.append([run["pipeline"], _ms((run["steady"]["http_ms"] or {}).get("median")),
-                         naive["error"][:160], "–", "–", "–"])
+                         naive["error"][:160], "–", "–", "–", "–"])
             continue
         rows.append([
             run["pipeline"], _ms((run["steady"]["http_ms"] or {}).get("median")),
             _ms(summarize(naive["steady_ms"])["median"]) if naive["steady_ms"] else "–",
             f"{run['naive_ratio']:.2f}x" if run.get("naive_ratio") else "–",
+            bench_fidelity.describe(run.get("fidelity")),
             f"{naive['load_s']:.2f}", _mib(naive.get("peak_cuda_mib"))])
+    return rows
+
+
+def overhead_rows(runs: list[dict]) -> list[list[str]]:
+    rows = []
+    for run in runs:
+        o = run.get("overhead")
+        if not o:
+            continue
+        if "error" in o:
+            rows.append([run["pipeline"], o["error"][:160], "–", "–", "–", "–", "–"])
+            continue
+        rows.append([run["pipeline"], str(o["rounds"]), f"{o['http_ms']:.1f}",
+                     f"{o['server_own_ms']:.2f}",
+                     f"{o['bare_ms']:.1f}" if "bare_ms" in o else "–",
+                     f"{o['over_bare_ms']:.2f}" if "over_bare_ms" in o else "–",
+                     f"{o['client_round_trip_ms']:.2f}", f"{run['startup_s']:.2f}"])
     return rows
 
 
@@ -135,9 +155,21 @@ def render(report: dict) -> str:
             "(RSS of the process so far; CUDA: after loading / during requests):", "",
             table(["pipeline", "model", "load s", "estimated MiB", "measured MiB", "start-up s",
                    "peak RSS MiB", "peak CUDA MiB"], memory_rows(runs)), ""]
+    if any(run.get("overhead") for run in runs):
+        out += ["The runner's own cost per request (ms, medians; scripts/bench_overhead.py): "
+                "server own = the app's time outside the model's stages; bare = the same call "
+                "on the runner's resident pipeline plus its safety check, interleaved; over "
+                "bare = HTTP time minus bare (it includes the in-process client, whose round "
+                "trip on a trivial route is given); start-up = to /health IDLE:", "",
+                table(["pipeline", "rounds", "HTTP", "server own", "bare + safety",
+                       "over bare", "client round trip", "start-up s"],
+                      overhead_rows(runs)), ""]
     if any(run.get("naive") for run in runs):
         out += ["Naive baseline (the plain library path, float32 and default attention, same "
-                "weights and settings, same process; ratio = naive / runner steady median):", "",
-                table(["pipeline", "runner ms", "naive ms", "ratio", "naive load s",
-                       "naive peak CUDA MiB"], naive_rows(runs)), ""]
+                "weights and settings, same process; ratio = naive / runner steady median; "
+                "fidelity = the runner's last answer against the naive one for the same "
+                "request, with its bound: PSNR for images and frames, word agreement for "
+                "text, IoU for masks, see scripts/bench_fidelity.py):", "",
+                table(["pipeline", "runner ms", "naive ms", "ratio", "fidelity",
+                       "naive load s", "naive peak CUDA MiB"], naive_rows(runs)), ""]
     return "\n".join(out)
