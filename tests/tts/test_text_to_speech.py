@@ -264,3 +264,28 @@ def test_split_never_empty(text):
     pieces = tts.split_text(text, 4)
     assert all(p.strip() and len(p) <= 4 for p in pieces)
     assert "".join(pieces).replace(" ", "") == "".join(text.split())
+
+
+def test_speech_equals_the_plain_library_call(client, tiny_dir, entry, monkeypatch):
+    """The runner's answer for one piece of text is the model card's own call, as written to a
+    16-bit WAV, on the same weights and seed (the runner draws a seed per request: fixed
+    here). The library call loads the folder with its default attention."""
+    import torch
+    from parler_tts import ParlerTTSForConditionalGeneration
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr(tts.secrets, "randbits", lambda bits: 7)
+    text, description = "Hello there.", "A calm voice."
+    ours, rate = speak(client, {"text": text, "description": description})
+    folder = ModelFiles(tiny_dir, entry.id).folder(entry.main.repo)
+    model = ParlerTTSForConditionalGeneration.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(7)
+    with torch.inference_mode():
+        audio = model.generate(input_ids=tokenizer(description, return_tensors="pt").input_ids,
+                               prompt_input_ids=tokenizer(text, return_tensors="pt").input_ids)
+    buf = io.BytesIO()
+    soundfile.write(buf, audio.cpu().numpy().reshape(-1), model.config.sampling_rate,
+                    format="WAV", subtype="PCM_16")
+    theirs, their_rate = soundfile.read(io.BytesIO(buf.getvalue()), dtype="float32")
+    assert rate == their_rate and np.array_equal(ours, theirs)

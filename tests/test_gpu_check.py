@@ -1,0 +1,42 @@
+"""scripts/gpu_check.sh rehearsed end to end on the CPU (`--rehearse`: the same steps, the
+tiny models), so the one-shot GPU check cannot rot between the rare GPU sessions. Its
+benchmark steps run the naive library path too, so they also show each answer equals the
+plain library call's on the same weights, seed and settings (scripts/bench_fidelity.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import gpu_check  # noqa: E402
+
+
+def test_the_gpu_check_rehearses_every_step(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no-wheels")}
+    proc = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--rehearse"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu-check.json").read_text())
+    assert report["rehearse"] and report["environment"]["packages"]["torch"]
+    steps = report["steps"]
+    assert [s["step"] for s in steps] == ["gpu-tests"] + [f"bench {name}" for name, _, _
+                                                          in gpu_check.BENCH_RUNS]
+    assert steps[0]["status"] == "skipped: no CUDA here" and steps[0]["tests"] > 0
+    for step in steps[1:]:
+        assert step["status"] == "ok", step
+        (run,) = step["report"]["runs"]
+        assert run["first"]["status"] == 200 and run["naive"]["steady_ms"], run
+        fidelity = run["fidelity"]
+        # Both paths run float32 on the CPU: the same pixels, the same words, the same mask.
+        assert fidelity["value"] == (math.inf if fidelity["metric"] == "psnr_db" else 1.0), \
+            (step["step"], fidelity)
+    tables = (out / "gpu-check.md").read_text()
+    assert "| gpu-tests | skipped: no CUDA here" in tables
+    assert tables.count("Naive baseline") == len(gpu_check.BENCH_RUNS)
