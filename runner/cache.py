@@ -247,11 +247,10 @@ class ModelCache:
         calls this every few seconds: a pinned model already on the device is left alone (and
         not counted as a request's hit)."""
         slot = self._slot(entry)
-        slot.pinned = True
-        if slot.tier == "device" and slot.moving is None:
-            return
-        async with self.use(entry):
-            pass
+        if not (slot.tier == "device" and slot.moving is None):
+            async with self.use(entry):
+                pass
+        slot.pinned = True  # once loaded: a load that failed pins nothing
 
     async def load(self, entry: ModelEntry) -> None:
         """Bring `entry` to the device now (warming a model before traffic arrives)."""

@@ -255,7 +255,10 @@ def status_router(service: Service, settings: Settings) -> APIRouter:
 
     @router.get("/models", operation_id="models", include_in_schema=False)
     async def models() -> dict:
-        return {**service.cache.summary(), "models": service.cache.describe()}
+        """The cache's budget and models; `on_demand`: warm models the budget cannot keep
+        pinned beside the others, loaded per request and swapped."""
+        return {**service.cache.summary(), "on_demand": [e.id for e in service.on_demand()],
+                "models": service.cache.describe()}
 
     return router
 

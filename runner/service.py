@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio
 from filelock import FileLock
 from PIL import Image
 from pydantic import BaseModel
 
-from runner import checkpoints, footprint, hardware, media, metrics, safety
+from runner import checkpoints, footprint, hardware, media, metrics, safety, warm
 from runner import device as devices
 from runner.cache import Loader, ModelCache
-from runner.errors import ClientClosed, RunnerError
+from runner.errors import ClientClosed, ModelLoadError, RunnerError
 from runner.executor import Executor, Lane
 from runner.hub import ModelFiles
 from runner.memory import CudaMemory, HostMemory
@@ -98,6 +99,7 @@ class Service:
         self.state = "LOADING"  # LOADING | READY | ERROR
         self.in_flight = Count()  # requests in hand, counted by the InFlight middleware
         self._deferred: list[ModelEntry] = []  # warm models whose compile waits for READY
+        self.warm_plan: warm.WarmPlan | None = None  # which warm models are pinned
         self.memory = CudaMemory(self.device.index) if self.device.is_cuda else HostMemory()
         self.cache = ModelCache(
             Loader(load=self._load, estimate=self._estimate, measure=footprint.measure,
@@ -144,7 +146,7 @@ class Service:
         module = self._module(entry)
         model = module.load(entry, self._files(entry), self.device)
         if self._compiles(module):
-            if self.state == "LOADING" and entry in self._warm_entries():
+            if self.state == "LOADING" and entry in self.pinned():
                 self._deferred.append(entry)  # after READY: see _compile_deferred
             else:  # a model loaded for a request: compiled before that request runs
                 self._compile(module, model, entry)
@@ -219,14 +221,22 @@ class Service:
     def _needs_safety(self) -> bool:
         return any("safety_check" in m.Request.model_fields for m in self.modules.values())
 
+    def pinned(self) -> list[ModelEntry]:
+        return self.warm_plan.pinned if self.warm_plan is not None else []
+
+    def on_demand(self) -> list[ModelEntry]:
+        return self.warm_plan.on_demand if self.warm_plan is not None else []
+
     def _warm_entries(self) -> list[ModelEntry]:
         warm = [self.registry.default(name) for name in self.modules]
         return warm + ([self.registry.safety_checker] if self._needs_safety() else [])
 
     async def _serving(self) -> bool:
-        """Every warm model resident (loading any that are not) and, for modules with a
-        `health(model)` hook (a daemon that may go away), healthy."""
-        for entry in self._warm_entries():
+        """Every pinned warm model resident (loading any that are not) and, for modules with
+        a `health(model)` hook (a daemon that may go away), healthy."""
+        if self.warm_plan is None:
+            self.warm_plan = await self._plan_warm()
+        for entry in self.warm_plan.pinned:
             await self.cache.pin(entry)
         for name, module in self.modules.items():
             hook = getattr(module, "health", None)
@@ -235,13 +245,51 @@ class Service:
                 return False
         return True
 
+    async def _plan_warm(self) -> warm.WarmPlan:
+        """Pin the warm models the budget can hold while the others are still served on
+        demand (runner/warm.py); a warm model bigger than the whole budget is an error."""
+        entries = self._warm_entries()
+        sizes = {e.id: await anyio.to_thread.run_sync(self._estimate, e) for e in entries}
+        self.cache.refresh()
+        plan = self._fit(entries, sizes)
+        if plan.too_large:
+            raise ModelLoadError(self._too_large(plan, sizes))
+        if plan.on_demand:
+            log.warning("the budget (%d MiB) cannot hold every warm model: %s pinned, %s loaded "
+                        "on demand and swapped (slower: each swap is a load)",
+                        self.cache.budget >> 20, ", ".join(e.id for e in plan.pinned) or "none",
+                        ", ".join(e.id for e in plan.on_demand))
+        return plan
+
+    def _fit(self, entries: list[ModelEntry], sizes: dict[str, int]) -> warm.WarmPlan:
+        companion = self.registry.safety_checker if self._needs_safety() else None
+        runs = max((self._default_run_bytes(e) for e in entries), default=0)
+        return warm.plan(entries, sizes, self.cache.budget, companion, runs)
+
+    def _default_run_bytes(self, entry: ModelEntry) -> int:
+        """The working memory of a request that leaves every field to the model's defaults
+        (an upload's size unknown: 0 for the parts that follow it)."""
+        module = self._module(entry)
+        if not hasattr(module, "Request"):  # the safety checker: it runs inside others' runs
+            return 0
+        try:
+            return self.working_memory(module, entry, module.Request.model_construct(
+                **{**entry.defaults, **entry.fixed}))
+        except Exception:  # noqa: BLE001  a module whose estimate needs what a sample lacks
+            return 0
+
+    def _too_large(self, plan: warm.WarmPlan, sizes: dict[str, int]) -> str:
+        return "; ".join(
+            f"{e.id} needs about {sizes[e.id] >> 20} MiB, more than this runner's whole budget "
+            f"of {self.cache.budget >> 20} MiB (VRAM_BUDGET, or the device's memory minus "
+            "VRAM_RESERVE)" for e in plan.too_large)
+
     async def warm_up(self) -> None:
-        """Load and pin every served pipeline's default model (and the safety checker):
-        /health says LOADING until they are all resident, ERROR if one failed. Then keep
+        """Load and pin every served pipeline's default model (and the safety checker), or
+        those the budget can hold beside the others' turns: /health says LOADING until they
+        are resident, ERROR if one failed. Then keep
         checking every HEALTH_PROBE_SECONDS: a warm model that failed is retried, and a daemon
         that went away (or came back) shows in /health."""
-        import anyio
-
         if self.device.is_cuda:
             await anyio.to_thread.run_sync(devices.configure_for_cuda)
         if self.tiny:
@@ -287,6 +335,13 @@ class Service:
                 problems = checkpoints.entry_problems(entry, self.model_dir)
             if problems:
                 found[entry.id] = problems
+        if not found:  # whole files: each must also fit the budget on its own
+            entries = self._warm_entries()
+            sizes = {e.id: self._estimate(e) for e in entries}
+            self.cache.refresh()
+            plan = self._fit(entries, sizes)
+            for entry in plan.too_large:
+                found[entry.id] = [self._too_large(warm.WarmPlan([], [], [entry]), sizes)]
         return found
 
     async def close(self) -> None:
