@@ -18,7 +18,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from runner.hub import find_snapshot
+from runner.hub import find_snapshot, missing
 from runner.registry import ModelEntry, Source
 
 SCRIPT = "scripts/download_models.py"
@@ -49,7 +49,7 @@ def entry_problems(entry: ModelEntry, model_dir: Path) -> list[str]:
 def snapshot_problems(entry: ModelEntry, source: Source, model_dir: Path) -> list[str]:
     folder = find_snapshot(model_dir, source.repo, source.revision)
     if folder is None:
-        return [f"{source.repo} is not in {model_dir}"]
+        return [missing(model_dir, source.repo, source.revision)]
     if source.file:
         path = folder / source.file
         if not path.is_file():

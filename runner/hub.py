@@ -48,8 +48,18 @@ def snapshot(model_dir: Path, repo: str, revision: str = "main", model_id: str =
     if path is None:
         hint = (f"python scripts/download_models.py --model {model_id or repo} "
                 f"--model-dir {model_dir}")
-        raise ModelLoadError(f"model files for {repo} are not in {model_dir}; run `{hint}`")
+        raise ModelLoadError(f"{missing(model_dir, repo, revision)}; run `{hint}`")
     return path
+
+
+def missing(model_dir: Path, repo: str, revision: str = "main") -> str:
+    """Why `repo` has no snapshot here, as precisely as the folder says."""
+    ref = repo_folder(model_dir, repo) / "refs" / revision
+    if ref.is_file():
+        named = ref.read_text().strip()
+        return (f"model files for {repo} are not in {model_dir}: refs/{revision} names "
+                f"revision {named[:12]}, which has no snapshot folder (an interrupted download)")
+    return f"model files for {repo} are not in {model_dir}"
 
 
 @dataclass(frozen=True)

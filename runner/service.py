@@ -144,6 +144,11 @@ class Service:
 
     def _load(self, entry: ModelEntry) -> Any:
         module = self._module(entry)
+        if problems := self._entry_problems(entry):  # an interrupted download: say which file
+            raise ModelLoadError(
+                f"the files of {entry.id} in {self.model_dir} are missing or broken: "
+                f"{'; '.join(problems)}; fetch them again with "
+                f"`{checkpoints.fetch_command([entry.id], self.model_dir)}`")
         model = module.load(entry, self._files(entry), self.device)
         if self._compiles(module):
             if self.state == "LOADING" and entry in self.pinned():
@@ -326,14 +331,7 @@ class Service:
             return {}
         found = {}
         for entry in self._warm_entries():
-            own = getattr(self._module(entry), "file_problems", None)
-            try:
-                problems = own(entry, self._files(entry)) if own is not None else None
-            except RunnerError as exc:  # e.g. a backend setting that names nothing
-                problems = [exc.msg]
-            if problems is None:
-                problems = checkpoints.entry_problems(entry, self.model_dir)
-            if problems:
+            if problems := self._entry_problems(entry):
                 found[entry.id] = problems
         if not found:  # whole files: each must also fit the budget on its own
             entries = self._warm_entries()
@@ -343,6 +341,19 @@ class Service:
             for entry in plan.too_large:
                 found[entry.id] = [self._too_large(warm.WarmPlan([], [], [entry]), sizes)]
         return found
+
+    def _entry_problems(self, entry: ModelEntry) -> list[str]:
+        """What `entry`'s files lack (runner/checkpoints.py, or the module's own check);
+        nothing in tiny mode, which writes its own files."""
+        if self.tiny:
+            return []
+        own = getattr(self._module(entry), "file_problems", None)
+        try:
+            problems = own(entry, self._files(entry)) if own is not None else None
+        except RunnerError as exc:  # e.g. a backend setting that names nothing
+            return [exc.msg]
+        return checkpoints.entry_problems(entry, self.model_dir) if problems is None \
+            else problems
 
     async def close(self) -> None:
         """At shutdown, after in-flight requests: give every model's memory back (a daemon's

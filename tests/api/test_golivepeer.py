@@ -221,7 +221,8 @@ def test_a_missing_default_model_exits_once_before_binding_with_the_download_com
     command = (f"python scripts/download_models.py --model SG161222/RealVisXL_V4.0_Lightning "
                f"--model CompVis/stable-diffusion-safety-checker --model-dir {tmp_path}")
     assert command in proc.stderr, proc.stderr[-2000:]
-    assert f"SG161222/RealVisXL_V4.0_Lightning is not in {tmp_path}" in proc.stderr
+    assert f"model files for SG161222/RealVisXL_V4.0_Lightning are not in {tmp_path}" \
+        in proc.stderr
     assert "Uvicorn running" not in proc.stderr and "Started server" not in proc.stderr
 
 
@@ -297,3 +298,38 @@ def test_the_docs_examples_pass_go_livepeers_parser():
     with pytest.raises(golivepeer.ConfigError):  # what deploy.md once said to write
         golivepeer.parse_ai_models(json.dumps([{"pipeline": "llm",
                                                 "price_per_unit": "0.0000000012USD"}]))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty snapshot", "missing revision"])
+def test_a_broken_model_requested_by_id_is_a_clear_500_and_the_rest_keeps_serving(
+        app_client, t2i, t2i_dir, tmp_path, damage):
+    """An interrupted download of a model asked for by `model_id`: the answer names what is
+    wrong and the command that fetches it again (a 500 go-livepeer decodes, no traceback), and
+    the default model still answers."""
+    from pipelines import text_to_image
+
+    model_dir = copy_tiny(t2i_dir, tmp_path / "models")
+    turbo = "stabilityai/sd-turbo"
+    registry = create_app(real_mode(model_dir)).state.service.registry
+    text_to_image.build_tiny(registry.resolve("text-to-image", turbo), model_dir)
+    repo = model_dir / "models--stabilityai--sd-turbo"
+    (snapshot,) = (repo / "snapshots").iterdir()
+    if damage == "truncated":
+        (unet,) = snapshot.glob("unet/*.safetensors")
+        unet.write_bytes(unet.read_bytes()[:-64])
+        expected = "unet/diffusion_pytorch_model.safetensors: truncated"
+    elif damage == "empty snapshot":
+        for path in list(snapshot.iterdir()):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        expected = "no weights in the snapshot"
+    else:
+        (repo / "refs" / "main").write_text("f" * 40)
+        expected = "refs/main names revision ffffffffffff, which has no snapshot folder"
+    client = app_client(real_mode(model_dir))
+    r = client.post("/text-to-image", json={**T2I, "model_id": turbo})
+    assert golivepeer.survives("/text-to-image", r).kind == "error"
+    msg = r.json()["detail"]["msg"]
+    assert r.status_code == 500 and expected in msg, msg
+    assert f"python scripts/download_models.py --model {turbo} --model-dir {model_dir}" in msg
+    assert "Traceback" not in r.text
+    assert client.post("/text-to-image", json=T2I).status_code == 200

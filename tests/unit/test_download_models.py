@@ -213,11 +213,13 @@ def test_lightning_needs_its_unet_file_but_not_the_base_unet_weights(tmp_path, c
     write(tmp_path, SAFETY, {"config.json": "{}", "model.safetensors": "w"})
     rc, out = run(capsys, "--check", "--model", entry.id, "--model-dir", str(tmp_path))
     assert rc == 1
-    assert f"- {unet.repo}" in out and entry.main.repo + " is not" not in out
+    assert f"- model files for {unet.repo} are not in" in out
+    assert f"model files for {entry.main.repo} " not in out
     write(tmp_path, unet.repo, {unet.file: "w"})
     rc, out = run(capsys, "--check", "--model", entry.id, "--model-dir", str(tmp_path))
     vae = entry.components["vae"]  # the fp16-fix VAE every SDXL entry decodes with
-    assert rc == 1 and f"- {vae.repo}" in out and f"- {unet.repo}" not in out
+    assert rc == 1 and f"- model files for {vae.repo} " in out
+    assert f"model files for {unet.repo} " not in out
     write(tmp_path, vae.repo, {"config.json": "{}", "diffusion_pytorch_model.safetensors": "w"})
     rc, out = run(capsys, "--check", "--model", entry.id, "--model-dir", str(tmp_path))
     assert rc == 0, out
