@@ -105,8 +105,10 @@ def test_bad_fields(i2i, fields, status):
 def test_missing_or_undecodable_image(i2i):
     r = i2i.post("/image-to-image", data={"prompt": "x"})
     assert r.status_code == 422
-    r = post(i2i, b"\x89PNG\r\n\x1a\n broken")
+    r = post(i2i, b"\x89PNG\r\n\x1a\n\0\0\0\x01\0\x01\x02\x03 broken chunk")
     assert r.status_code == 400 and "could not be decoded" in r.json()["detail"]["msg"]
+    r = post(i2i, b"\x89PNG\r\n\x1a\n broken")  # 7 bytes after the signature: cut short
+    assert r.status_code == 400 and "truncated" in r.json()["detail"]["msg"]
 
 
 def test_empty_upload_is_400(i2i):
