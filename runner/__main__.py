@@ -68,11 +68,18 @@ def main() -> None:
     app = create_app(settings)
     if problems := app.state.service.file_problems():
         sys.exit(refuse_to_start(problems, app.state.service.model_dir))
-    # On SIGTERM: stop accepting, let in-flight requests finish within the grace period, then
-    # the lifespan unloads every model.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                            timeout_graceful_shutdown=settings.shutdown_grace_seconds)
-    Server(config).run()
+    Server(server_config(app, settings)).run()
+
+
+def server_config(app, settings) -> uvicorn.Config:
+    """uvicorn as the runner serves: on SIGTERM it stops accepting, lets in-flight requests
+    finish within the grace period, then the lifespan unloads every model; connections that
+    send no request head in time, or exceed the cap, are closed (runner/connections.py)."""
+    from runner.connections import protocol
+
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                          timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+                          http=protocol(settings.header_timeout, settings.max_connections))
 
 
 if __name__ == "__main__":

@@ -78,7 +78,8 @@ def create_app(settings: Settings | None = None,
     errors.install(app)
     app.add_middleware(JsonBodies, paths=routes.json_paths(service))
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_bytes),
-                       decodable=app.state.decodable)
+                       decodable=app.state.decodable,
+                       stall_seconds=settings.body_stall_seconds)
     app.add_middleware(InFlight, count=service.in_flight)
     routes.install(app, service, settings)
     app.mount("/metrics", make_asgi_app())

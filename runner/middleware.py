@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import anyio
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -13,14 +14,18 @@ from runner.errors import PayloadTooLarge, error_body, for_client
 
 class BodyLimit:
     """413 for bodies over `max_bytes`: at once from Content-Length, or as soon as a chunked
-    body passes the cap, so a huge upload is never buffered or spooled to disk. Where the
-    route's client cannot decode a 413 (`decodable`, as in errors.py) it is that client's 400."""
+    body passes the cap, so a huge upload is never buffered or spooled to disk; 408 for a body
+    that stalls, `stall_seconds` without a byte, so a trickling client cannot hold a request
+    open. Where the route's client cannot decode the status (`decodable`, as in errors.py) it
+    is that client's 400."""
 
     def __init__(self, app: ASGIApp, max_bytes: int,
-                 decodable: dict[str, frozenset[int]] | None = None):
+                 decodable: dict[str, frozenset[int]] | None = None,
+                 stall_seconds: float = 0):
         self.app = app
         self.max_bytes = max_bytes
         self.decodable = decodable or {}
+        self.stall_seconds = stall_seconds
 
     def _message(self) -> str:
         return f"request body is larger than the limit of {self.max_bytes / 2**20:.3g} MiB"
@@ -33,11 +38,12 @@ class BodyLimit:
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
             await self._reject(scope, send)
             return
-        received = 0
+        received, whole = 0, False
 
         async def limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, whole
+            message = await self._next(receive, whole)
+            whole = whole or not message.get("more_body", False)
             received += len(message.get("body", b""))
             if received > self.max_bytes:
                 # Re-raised untouched by FastAPI's body parsing, then answered as 413.
@@ -45,6 +51,15 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+    async def _next(self, receive: Receive, whole: bool) -> Message:
+        """The next message; while the body is still coming, within `stall_seconds`."""
+        if whole or not self.stall_seconds:
+            return await receive()
+        with anyio.move_on_after(self.stall_seconds):
+            return await receive()
+        raise HTTPException(408, f"the request body stalled: no data for "
+                                 f"{self.stall_seconds:g} s")
 
     async def _reject(self, scope: Scope, send: Send) -> None:
         import json

@@ -52,6 +52,15 @@ class Settings(BaseSettings):
     vram_budget: ByteSize | None = Field(None, description="Overrides the device's byte budget.")
     vram_reserve: ByteSize = ByteSize(1 << 30)
     max_upload_bytes: ByteSize = ByteSize(50 * (1 << 20))
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a connection may take to send a request's headers "
+        "(from opening, or from its previous answer) before it is closed.")
+    body_stall_seconds: float = Field(
+        30.0, ge=0, description="Seconds a request body may go without a byte before the "
+        "request is refused (408; 400 where go-livepeer's client has no 408); 0 = no limit.")
+    max_connections: int = Field(
+        512, ge=1, description="Open connections; past it the oldest one without a request "
+        "in progress is closed.")
     max_image_pixels: int = 4096 * 4096
     host_budget: ByteSize | None = Field(
         None, description="CPU RAM for demoted models; unset = half the free RAM at start on a "

@@ -1,0 +1,153 @@
+"""Slow and vanishing clients against the server as `python -m runner` configures it
+(runner.__main__.server_config: a deadline for each request head, a cap on open connections,
+a stalled body refused): they cannot hold the server, /health keeps answering while 64 of
+them hang on, and a client that goes away mid-upload leaves nothing held."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+import uvicorn
+
+from runner.__main__ import server_config
+from runner.app import create_app
+from tests.conftest import echo_modules, echo_settings, wait_ready
+from tests.hardening import support
+
+HEAD = b"POST /echo-image HTTP/1.1\r\nHost: x\r\n"
+
+
+@contextmanager
+def runner_server(make_settings, **overrides) -> Iterator[tuple[str, object]]:
+    """The echo pipeline behind uvicorn with the runner's own server config, on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = echo_settings(make_settings, host="127.0.0.1", port=port, **overrides)
+    app = create_app(settings, echo_modules())
+    config = server_config(app, settings)
+    config.log_level = "warning"
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=url, timeout=10) as http:
+        wait_ready(http)
+    try:
+        yield url, app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def connect(url: str, send: bytes = b"") -> socket.socket:
+    host, port = url.rsplit("//", 1)[1].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    if send:
+        sock.sendall(send)
+    return sock
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        return sock.recv(4096) == b""
+    except (ConnectionResetError, TimeoutError, socket.timeout):
+        return False
+
+
+def test_64_hanging_clients_cannot_keep_health_out(make_settings):
+    with runner_server(make_settings, header_timeout=1.5) as (url, _):
+        silent = [connect(url) for _ in range(32)]
+        partial = [connect(url, HEAD) for _ in range(32)]  # a head that never ends
+        with httpx.Client(base_url=url, timeout=2) as http:  # go-livepeer allows 5 s
+            answers = [http.get("/health") for _ in range(20)]
+        assert all(r.status_code == 200 and r.json()["status"] == "IDLE" for r in answers)
+        # Their deadline passes: the server closes every one of them.
+        assert all(closed_by_server(sock, within=5) for sock in silent + partial)
+        for sock in silent + partial:
+            sock.close()
+
+
+def test_a_trickled_head_is_closed_at_its_deadline(make_settings):
+    with runner_server(make_settings, header_timeout=1.0) as (url, _):
+        sock = connect(url)
+        started = time.monotonic()
+        closed = False
+        for byte in HEAD:  # one byte every 0.1 s: never a whole head within the deadline
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            time.sleep(0.1)
+        closed = closed or closed_by_server(sock, within=3)
+        assert closed and time.monotonic() - started < 6
+        sock.close()
+
+
+def test_a_stalled_body_is_refused_and_the_server_keeps_serving(make_settings):
+    with runner_server(make_settings, body_stall_seconds=1.0) as (url, _):
+        sock = connect(url, HEAD + b"Content-Type: multipart/form-data; boundary=b\r\n"
+                       b"Content-Length: 100000\r\n\r\n--b\r\n")
+        sock.settimeout(10)
+        answer = sock.recv(65536)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]  # a 408 go-livepeer can read
+        assert b"stalled" in answer
+        with httpx.Client(base_url=url, timeout=10) as http:
+            r = http.post("/echo-image", files={"image": ("a.png", support.noise_png(),
+                                                          "image/png")})
+        assert r.status_code == 200, r.text
+
+
+def test_past_the_cap_the_oldest_idle_connections_make_room(make_settings):
+    with runner_server(make_settings, max_connections=16, header_timeout=30) as (url, _):
+        socks = [connect(url) for _ in range(40)]
+        time.sleep(0.5)
+        with httpx.Client(base_url=url, timeout=5) as http:
+            assert http.get("/health").status_code == 200
+        closed = [s for s in socks[:24] if closed_by_server(s, within=2)]
+        assert len(closed) == 24  # the 24 oldest made room for the newest
+        assert not closed_by_server(socks[-1], within=0.2)  # the newest still open
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.parametrize("when", ["mid-upload", "mid-run"])
+def test_a_client_that_vanishes_leaves_nothing_held(make_settings, when):
+    with runner_server(make_settings) as (url, app):
+        service = app.state.service
+        if when == "mid-upload":
+            sock = connect(url, HEAD + b"Content-Type: multipart/form-data; boundary=b\r\n"
+                           b"Content-Length: 100000\r\n\r\n--b\r\n" + b"x" * 1000)
+        else:
+            body = (b'--b\r\nContent-Disposition: form-data; name="sleep"\r\n\r\n5\r\n'
+                    b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"'
+                    b"\r\nContent-Type: image/png\r\n\r\n" + support.noise_png() + b"\r\n--b--\r\n")
+            sock = connect(url, HEAD + b"Content-Type: multipart/form-data; boundary=b\r\n"
+                           + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            deadline = time.monotonic() + 10
+            while not service.executor.pending:  # the run has started
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        time.sleep(0.2)
+        sock.close()
+        deadline = time.monotonic() + 5
+        while service.in_flight.value or service.executor.pending:
+            assert time.monotonic() < deadline, (service.in_flight.value,
+                                                 service.executor.pending)
+            time.sleep(0.05)
+        assert service.cache.running_bytes == 0
+        with httpx.Client(base_url=url, timeout=10) as http:
+            assert http.get("/health").json() == {"status": "IDLE"}
