@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,40 +103,39 @@ def memory_rows(runs: list[dict]) -> list[list[str]]:
     return rows
 
 
-def naive_rows(runs: list[dict]) -> list[list[str]]:
+def part_rows(runs: list[dict], key: str, width: int, row: Callable[[dict, dict], list[str]],
+              lead: Callable[[dict], list[str]] = lambda run: [run["pipeline"]]
+              ) -> list[list[str]]:
+    """One row per run that has `key`: `lead(run)` then `row(run, run[key])`, or the part's
+    error filling the rest of the `width` columns."""
     rows = []
     for run in runs:
-        naive = run.get("naive")
-        if not naive:
+        part = run.get(key)
+        if not part:
             continue
-        if "error" in naive:
-            rows.append([run["pipeline"], _ms((run["steady"]["http_ms"] or {}).get("median")),
-                         naive["error"][:160], "–", "–", "–", "–"])
-            continue
-        rows.append([
-            run["pipeline"], _ms((run["steady"]["http_ms"] or {}).get("median")),
-            _ms(summarize(naive["steady_ms"])["median"]) if naive["steady_ms"] else "–",
-            f"{run['naive_ratio']:.2f}x" if run.get("naive_ratio") else "–",
-            bench_fidelity.describe(run.get("fidelity")),
-            f"{naive['load_s']:.2f}", _mib(naive.get("peak_cuda_mib"))])
+        first = lead(run)
+        if "error" in part:
+            rows.append(first + [part["error"][:160]] + ["–"] * (width - len(first) - 1))
+        else:
+            rows.append(first + row(run, part))
     return rows
+
+
+def naive_rows(runs: list[dict]) -> list[list[str]]:
+    return part_rows(runs, "naive", 7, lambda run, naive: [
+        _ms(summarize(naive["steady_ms"])["median"]) if naive["steady_ms"] else "–",
+        f"{run['naive_ratio']:.2f}x" if run.get("naive_ratio") else "–",
+        bench_fidelity.describe(run.get("fidelity")),
+        f"{naive['load_s']:.2f}", _mib(naive.get("peak_cuda_mib"))],
+        lead=lambda run: [run["pipeline"], _ms((run["steady"]["http_ms"] or {}).get("median"))])
 
 
 def overhead_rows(runs: list[dict]) -> list[list[str]]:
-    rows = []
-    for run in runs:
-        o = run.get("overhead")
-        if not o:
-            continue
-        if "error" in o:
-            rows.append([run["pipeline"], o["error"][:160], "–", "–", "–", "–", "–"])
-            continue
-        rows.append([run["pipeline"], str(o["rounds"]), f"{o['http_ms']:.1f}",
-                     f"{o['server_own_ms']:.2f}",
-                     f"{o['bare_ms']:.1f}" if "bare_ms" in o else "–",
-                     f"{o['over_bare_ms']:.2f}" if "over_bare_ms" in o else "–",
-                     f"{o['client_round_trip_ms']:.2f}", f"{run['startup_s']:.2f}"])
-    return rows
+    return part_rows(runs, "overhead", 8, lambda run, o: [
+        str(o["rounds"]), f"{o['http_ms']:.1f}", f"{o['server_own_ms']:.2f}",
+        f"{o['bare_ms']:.1f}" if "bare_ms" in o else "–",
+        f"{o['over_bare_ms']:.2f}" if "over_bare_ms" in o else "–",
+        f"{o['client_round_trip_ms']:.2f}", f"{run['startup_s']:.2f}"])
 
 
 def render(report: dict) -> str:
@@ -155,21 +155,25 @@ def render(report: dict) -> str:
             "(RSS of the process so far; CUDA: after loading / during requests):", "",
             table(["pipeline", "model", "load s", "estimated MiB", "measured MiB", "start-up s",
                    "peak RSS MiB", "peak CUDA MiB"], memory_rows(runs)), ""]
-    if any(run.get("overhead") for run in runs):
-        out += ["The runner's own cost per request (ms, medians; scripts/bench_overhead.py): "
-                "server own = the app's time outside the model's stages; bare = the same call "
-                "on the runner's resident pipeline plus its safety check, interleaved; over "
-                "bare = HTTP time minus bare (it includes the in-process client, whose round "
-                "trip on a trivial route is given); start-up = to /health IDLE:", "",
-                table(["pipeline", "rounds", "HTTP", "server own", "bare + safety",
-                       "over bare", "client round trip", "start-up s"],
-                      overhead_rows(runs)), ""]
-    if any(run.get("naive") for run in runs):
-        out += ["Naive baseline (the plain library path, float32 and default attention, same "
-                "weights and settings, same process; ratio = naive / runner steady median; "
-                "fidelity = the runner's last answer against the naive one for the same "
-                "request, with its bound: PSNR for images and frames, word agreement for "
-                "text, IoU for masks, see scripts/bench_fidelity.py):", "",
-                table(["pipeline", "runner ms", "naive ms", "ratio", "fidelity",
-                       "naive load s", "naive peak CUDA MiB"], naive_rows(runs)), ""]
+    out += section(
+        "The runner's own cost per request (ms, medians; scripts/bench_overhead.py): server "
+        "own = the app's time outside the model's stages; bare = the same call on the "
+        "runner's resident pipeline plus its safety check, interleaved; over bare = HTTP time "
+        "minus bare (it includes the in-process client, whose round trip on a trivial route "
+        "is given); start-up = to /health IDLE:",
+        ["pipeline", "rounds", "HTTP", "server own", "bare + safety", "over bare",
+         "client round trip", "start-up s"], overhead_rows(runs))
+    out += section(
+        "Naive baseline (the plain library path, float32 and default attention, same weights "
+        "and settings, same process; ratio = naive / runner steady median; fidelity = the "
+        "runner's last answer against the naive one for the same request, with its bound: "
+        "PSNR for images and frames, word agreement for text, IoU for masks, see "
+        "scripts/bench_fidelity.py):",
+        ["pipeline", "runner ms", "naive ms", "ratio", "fidelity", "naive load s",
+         "naive peak CUDA MiB"], naive_rows(runs))
     return "\n".join(out)
+
+
+def section(caption: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    """A captioned table, or nothing when no run has its rows."""
+    return [caption, "", table(header, rows), ""] if rows else []
