@@ -253,12 +253,11 @@ class Service:
     async def _plan_warm(self) -> warm.WarmPlan:
         """Pin the warm models the budget can hold while the others are still served on
         demand (runner/warm.py); a warm model bigger than the whole budget is an error."""
-        entries = self._warm_entries()
-        sizes = {e.id: await anyio.to_thread.run_sync(self._estimate, e) for e in entries}
-        self.cache.refresh()
-        plan = self._fit(entries, sizes)
+        sizes = {e.id: await anyio.to_thread.run_sync(self._estimate, e)
+                 for e in self._warm_entries()}
+        plan = self._fit(sizes)
         if plan.too_large:
-            raise ModelLoadError(self._too_large(plan, sizes))
+            raise ModelLoadError(self._too_large(plan.too_large, sizes))
         if plan.on_demand:
             log.warning("the budget (%d MiB) cannot hold every warm model: %s pinned, %s loaded "
                         "on demand and swapped (slower: each swap is a load)",
@@ -266,9 +265,12 @@ class Service:
                         ", ".join(e.id for e in plan.on_demand))
         return plan
 
-    def _fit(self, entries: list[ModelEntry], sizes: dict[str, int]) -> warm.WarmPlan:
+    def _fit(self, sizes: dict[str, int]) -> warm.WarmPlan:
+        """The warm plan for these model sizes against the budget as it is now."""
+        entries = self._warm_entries()
         companion = self.registry.safety_checker if self._needs_safety() else None
         runs = max((self._default_run_bytes(e) for e in entries), default=0)
+        self.cache.refresh()
         return warm.plan(entries, sizes, self.cache.budget, companion, runs)
 
     def _default_run_bytes(self, entry: ModelEntry) -> int:
@@ -283,11 +285,11 @@ class Service:
         except Exception:  # noqa: BLE001  a module whose estimate needs what a sample lacks
             return 0
 
-    def _too_large(self, plan: warm.WarmPlan, sizes: dict[str, int]) -> str:
+    def _too_large(self, entries: list[ModelEntry], sizes: dict[str, int]) -> str:
         return "; ".join(
             f"{e.id} needs about {sizes[e.id] >> 20} MiB, more than this runner's whole budget "
             f"of {self.cache.budget >> 20} MiB (VRAM_BUDGET, or the device's memory minus "
-            "VRAM_RESERVE)" for e in plan.too_large)
+            "VRAM_RESERVE)" for e in entries)
 
     async def warm_up(self) -> None:
         """Load and pin every served pipeline's default model (and the safety checker), or
@@ -334,12 +336,9 @@ class Service:
             if problems := self._entry_problems(entry):
                 found[entry.id] = problems
         if not found:  # whole files: each must also fit the budget on its own
-            entries = self._warm_entries()
-            sizes = {e.id: self._estimate(e) for e in entries}
-            self.cache.refresh()
-            plan = self._fit(entries, sizes)
-            for entry in plan.too_large:
-                found[entry.id] = [self._too_large(warm.WarmPlan([], [], [entry]), sizes)]
+            sizes = {e.id: self._estimate(e) for e in self._warm_entries()}
+            for entry in self._fit(sizes).too_large:
+                found[entry.id] = [self._too_large([entry], sizes)]
         return found
 
     def _entry_problems(self, entry: ModelEntry) -> list[str]:
