@@ -117,9 +117,12 @@ def for_client(status: int, msg: str, decodable: frozenset[int] | None) -> tuple
 
 def decodable(request: Request) -> frozenset[int] | None:
     """The statuses the client of this request's route decodes; None where any will do."""
-    if request.method != "POST":
-        return None
-    return getattr(request.app.state, "decodable", {}).get(request.scope["path"])
+    return decodable_in(request.scope, getattr(request.app.state, "decodable", {}))
+
+
+def decodable_in(scope: dict, table: dict[str, frozenset[int]]) -> frozenset[int] | None:
+    """`table` (path -> statuses) for a request's scope: only POSTs have a restricted client."""
+    return table.get(scope["path"]) if scope.get("method") == "POST" else None
 
 
 def answer(request: Request, status: int, msg: str,

@@ -9,7 +9,7 @@ import anyio
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runner.errors import PayloadTooLarge, error_body, for_client
+from runner.errors import PayloadTooLarge, decodable_in, error_body, for_client
 
 
 class BodyLimit:
@@ -64,8 +64,8 @@ class BodyLimit:
     async def _reject(self, scope: Scope, send: Send) -> None:
         import json
 
-        decodable = self.decodable.get(scope["path"]) if scope["method"] == "POST" else None
-        status, msg = for_client(PayloadTooLarge.status_code, self._message(), decodable)
+        status, msg = for_client(PayloadTooLarge.status_code, self._message(),
+                                 decodable_in(scope, self.decodable))
         body = json.dumps(error_body(msg)).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
