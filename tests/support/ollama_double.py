@@ -1,5 +1,5 @@
-"""An Ollama daemon double that speaks the real wire format (client 0.6.3, see
-../shared/notes/tiny-models-transformers.md section 5), for tests of the llm pipeline.
+"""An Ollama daemon double that speaks the real wire format (client 0.6.3, as measured in the
+team's notes on tiny transformers models, section 5), for tests of the llm pipeline.
 
 Two ways to reach it:
 - `double.transport`: an httpx.MockTransport for `ollama.Client` / `ollama.AsyncClient`
