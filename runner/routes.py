@@ -67,8 +67,21 @@ def decodable(service: Service, settings: Settings) -> dict[str, frozenset[int]]
     if settings.error_statuses == "http":
         return {}
     return {path: frozenset({200, *error_statuses(module)})
-            for module in service.modules.values()
-            for path in (f"/{module.NAME}", f"/{module.NAME}/")}
+            for module in service.modules.values() for path in with_slash(f"/{module.NAME}")}
+
+
+def with_slash(path: str) -> tuple[str, str]:
+    """A route's path and its trailing-slash alias, which the reference answers too."""
+    return path, f"{path}/"
+
+
+def add_route(router: APIRouter, path: str, endpoint: Callable, operation: str,
+              **options: Any) -> None:
+    """The route, and its trailing-slash alias out of the schema."""
+    plain, slash = with_slash(path)
+    router.add_api_route(plain, endpoint, operation_id=operation, **options)
+    router.add_api_route(slash, endpoint, operation_id=f"{operation}_slash",
+                         include_in_schema=False, **options)
 
 
 def error_responses(module: types.ModuleType, settings: Settings) -> dict:
@@ -148,10 +161,7 @@ def add_generate_route(router: APIRouter, module: types.ModuleType, service: Ser
         methods=["POST"], response_model=module.Response, responses=responses,
         summary=summary(module), description=inspect.getdoc(module).split("\n\n")[0],
     )
-    op = operation_id(module)
-    router.add_api_route(f"/{module.NAME}", endpoint, operation_id=op, **options)
-    router.add_api_route(f"/{module.NAME}/", endpoint, operation_id=f"{op}_slash",
-                         include_in_schema=False, **options)
+    add_route(router, f"/{module.NAME}", endpoint, operation_id(module), **options)
 
 
 def failure_chunk(last: StreamChunk, exc: RunnerError) -> str:
@@ -211,7 +221,7 @@ async def stream_events(service: Service, module: types.ModuleType, request: Bas
 def json_paths(service: Service) -> set[str]:
     """Paths of the generate routes whose body is JSON, with their trailing-slash aliases."""
     names = [m.NAME for m in service.modules.values() if not is_multipart(m.Request)]
-    return {path for name in names for path in (f"/{name}", f"/{name}/")}
+    return {path for name in names for path in with_slash(f"/{name}")}
 
 
 def server_timing(timings: dict[str, float]) -> str:
@@ -226,12 +236,6 @@ def status_router(service: Service, settings: Settings) -> APIRouter:
         if settings.model_id:
             return settings.model_id
         return ",".join(service.registry.default(name).id for name in service.modules)
-
-    def get(path: str, operation: str, endpoint: Callable, model: type[BaseModel]) -> None:
-        """The route and, as the reference has, its trailing-slash alias."""
-        router.add_api_route(path, endpoint, response_model=model, operation_id=operation)
-        router.add_api_route(f"{path}/", endpoint, response_model=model,
-                             operation_id=f"{operation}_slash", include_in_schema=False)
 
     async def health() -> HealthCheck:
         return HealthCheck(status=service.health)
@@ -248,10 +252,12 @@ def status_router(service: Service, settings: Settings) -> APIRouter:
         return HardwareStats(pipeline=settings.pipeline, model_id=default_model_id(),
                              gpu_stats=hardware.gpu_stats())
 
-    get("/health", "health", health, HealthCheck)
-    get("/version", "version", version, Version)
-    get("/hardware/info", "hardware_info", hardware_info, HardwareInformation)
-    get("/hardware/stats", "hardware_stats", hardware_stats, HardwareStats)
+    for path, endpoint, model in (("/health", health, HealthCheck),
+                                  ("/version", version, Version),
+                                  ("/hardware/info", hardware_info, HardwareInformation),
+                                  ("/hardware/stats", hardware_stats, HardwareStats)):
+        add_route(router, path, endpoint, endpoint.__name__, methods=["GET"],
+                  response_model=model)
 
     @router.get("/models", operation_id="models", include_in_schema=False)
     async def models() -> dict:
