@@ -42,9 +42,10 @@ from pathlib import Path
 
 import httpx
 import psutil
+from _common import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-BUSY = "insufficient capacity"  # how a busy 500 starts (runner/errors.py)
+from runner.errors import BUSY  # how a busy 500's message starts
+
 HEALTHY = ("OK", "IDLE")
 DEFAULT_BODY = {"prompt": "a lighthouse at dusk", "width": 64, "height": 64,
                 "num_inference_steps": 1, "safety_check": True}

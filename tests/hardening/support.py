@@ -14,6 +14,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
+from runner.errors import BUSY
 from tests.support import golivepeer
 
 # What a route outside go-livepeer's (/v1, /models) may answer with at all; 5xx only as busy.
@@ -63,7 +64,7 @@ def check_answer(response, context: object = "") -> int:
         assert status in (500, 503), f"{status} for {context!r}: {response.text[:500]}"
         assert int(response.headers["retry-after"]) >= 1, (context, response.text[:500])
         if status == 500:
-            assert error_message(response).startswith("insufficient capacity"), context
+            assert error_message(response).startswith(BUSY), context
     if status >= 400:
         error_message(response)
     return status

@@ -22,6 +22,7 @@ SCRIPT = REPO_ROOT / "scripts" / "loadtest.py"
 
 def loadtest_module():
     if "loadtest" not in sys.modules:  # dataclasses look their module up while defined
+        sys.path.insert(0, str(SCRIPT.parent))  # as when it runs: its _common beside it
         spec = importlib.util.spec_from_file_location("loadtest", SCRIPT)
         module = importlib.util.module_from_spec(spec)
         sys.modules["loadtest"] = module
