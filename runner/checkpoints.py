@@ -108,19 +108,29 @@ def file_problem(path: Path) -> str | None:
     return None
 
 
-def safetensors_problem(path: Path) -> str | None:
+def safetensors_header(path: Path) -> tuple[int, dict]:
+    """A safetensors file's header length and header, read without its tensors; ValueError
+    saying why for a file too short or broken to have one."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
-            return "truncated: shorter than a safetensors header"
+            raise ValueError("truncated: shorter than a safetensors header")
         (header_bytes,) = struct.unpack("<Q", prefix)
         if header_bytes > min(MAX_HEADER_BYTES, size - 8):
-            return "truncated: the file ends inside its header"
+            raise ValueError("truncated: the file ends inside its header")
         try:
-            header = json.loads(f.read(header_bytes))
+            return header_bytes, json.loads(f.read(header_bytes))
         except ValueError:
-            return "its header is not valid JSON (truncated or corrupt)"
+            raise ValueError("its header is not valid JSON (truncated or corrupt)") from None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    try:
+        header_bytes, header = safetensors_header(path)
+    except ValueError as exc:
+        return str(exc)
     ends = [info["data_offsets"][1] for name, info in header.items()
             if name != "__metadata__" and isinstance(info, dict) and "data_offsets" in info]
     expected = 8 + header_bytes + max(ends, default=0)

@@ -3,14 +3,13 @@ read), measured from the loaded modules after."""
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from collections.abc import Iterator
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
+from runner.checkpoints import safetensors_header
 from runner.hub import ModelFiles
 from runner.registry import ModelEntry
 
@@ -21,9 +20,7 @@ FLOATS = {"F64", "F32", "F16", "BF16"}
 
 def safetensors_bytes(path: Path, float_bytes: int) -> int:
     """Bytes of every tensor in the file once floats are cast to `float_bytes` each."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
+    _, header = safetensors_header(path)
     total = 0
     for name, info in header.items():
         if name == "__metadata__":
