@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import chain
@@ -16,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from runner.app import create_app
 from runner.settings import Settings
-from tests.conftest import post_image
+from tests.conftest import post_image, wait_ready
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import bench_inputs  # noqa: E402  (scripts/: the benchmark's input generators)
@@ -79,15 +78,6 @@ def stages(response) -> dict[str, float]:
 
 
 # -- apps ------------------------------------------------------------------------------------
-
-def wait_ready(client: TestClient, timeout: float) -> str:
-    """The health once start-up, TORCH_COMPILE warm-ups included (OK), is over."""
-    deadline = time.monotonic() + timeout
-    while (status := client.get("/health").json()["status"]) in ("LOADING", "OK"):
-        assert time.monotonic() < deadline, f"warm-up did not finish in {timeout:.0f} s"
-        time.sleep(0.05)
-    return status
-
 
 @contextmanager
 def cuda_app(pipeline: str, modules: dict | None = None, timeout: float = 300,
