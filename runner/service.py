@@ -7,24 +7,23 @@ import functools
 import inspect
 import logging
 import os
-import threading
 import time
 import types
-from collections.abc import AsyncIterator, Awaitable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 from filelock import FileLock
-from PIL import Image
 from pydantic import BaseModel
 
-from runner import checkpoints, footprint, hardware, media, metrics, safety, warm
+from runner import checkpoints, footprint, hardware, metrics, safety, warm
 from runner import device as devices
 from runner.cache import Loader, ModelCache
-from runner.errors import ClientClosed, ModelLoadError, RunnerError
+from runner.context import RunContext
+from runner.errors import ModelLoadError, RunnerError
 from runner.executor import Executor, Lane
 from runner.hub import ModelFiles
 from runner.memory import CudaMemory, HostMemory
@@ -35,50 +34,6 @@ from runner.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass
-class RunContext:
-    """What a pipeline's run() gets besides its model and request."""
-
-    entry: ModelEntry
-    device: devices.Device
-    files: ModelFiles
-    settings: Settings
-    checker: safety.SafetyChecker | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def check_cancelled(self) -> None:
-        """Called by pipelines between steps: stops the run once its client has gone."""
-        if self.cancelled.is_set():
-            raise ClientClosed("the client closed the connection; the run was stopped")
-
-    def step_callback(self, pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
-        """diffusers' `callback_on_step_end`: a cancelled run ends at its next step."""
-        self.check_cancelled()
-        return tensors
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Times a step of run(); the times go out in the Server-Timing header."""
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
-
-    def encode_png(self, image: Image.Image) -> str:
-        return media.png_data_url(image, self.settings.png_compress_level)
-
-    def check_safety(self, images: list[Image.Image]) -> tuple[list[Image.Image], list[bool]]:
-        """Flags per image and the images after SAFETY_POLICY; no-op when the request did not
-        ask for a safety check."""
-        if self.checker is None or not images:
-            return images, [False] * len(images)
-        with self.stage("safety"):
-            flags = self.checker(images)
-        return safety.apply_policy(images, flags, self.settings.safety_policy), flags
 
 
 class Service:

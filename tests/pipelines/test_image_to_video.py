@@ -13,10 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from pipelines import image_to_video
+from runner.context import RunContext
 from runner.device import Device
 from runner.hub import ModelFiles
 from runner.registry import ModelEntry, Registry
-from runner.service import RunContext
 from tests.conftest import decode_png_url, pixels, png_bytes, post_image, serving
 from tests.support.contract import assert_valid
 

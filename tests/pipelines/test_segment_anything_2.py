@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 from pipelines import segment_anything_2 as sam2
+from runner.context import RunContext
 from runner.device import Device
 from runner.errors import BadRequest, ModelLoadError
 from runner.hub import ModelFiles, writing_snapshot
 from runner.registry import ModelEntry
-from runner.service import RunContext
 from runner.settings import Settings
 from tests.conftest import post_image, serving
 from tests.support.contract import assert_valid

@@ -11,10 +11,10 @@ import pytest
 import soundfile
 
 from pipelines import text_to_speech as tts
+from runner.context import RunContext
 from runner.device import Device
 from runner.hub import ModelFiles
 from runner.pipeline import discover
-from runner.service import RunContext
 from runner.settings import Settings
 from tests.conftest import serving
 from tests.support.contract import assert_valid
