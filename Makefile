@@ -44,8 +44,10 @@ test: install install-tts
 test-gpu: install
 	$(PY) -m pytest -q -m gpu tests/gpu; rc=$$?; [ $$rc -eq 5 ] && echo "no CUDA: GPU suite skipped" && exit 0; exit $$rc
 
+# ruff, then mypy on runner/ and pipelines/ ([tool.mypy] in pyproject.toml); CI runs it first.
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 openapi: install
 	$(PY) scripts/gen_openapi.py
