@@ -12,16 +12,30 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
+
+from runner.context import RunContext
 from runner.device import Device
 from runner.errors import BadRequest
 from runner.hub import ModelFiles, writing_snapshot
+from runner.options import Options as BaseOptions
 from runner.protocol import ImageResponse, Media
 from runner.registry import ModelEntry
 
 MAX_LORAS = 4
 PROMPT_SLOTS = ("prompt", "prompt_2", "prompt_3")
+Scheduler = Literal["euler-trailing", "euler-ancestral", "dpmpp-sde-karras"]
+
+
+class DiffusionOptions(BaseOptions):
+    """models.yaml `options:` of the SD/SDXL pipelines (text-to-image's `Options`; those of
+    image-to-image and upscale add their input caps)."""
+
+    scheduler: Scheduler | None = Field(
+        None, description="The sampler swapped in at load (euler-trailing for SDXL-Lightning); "
+        "default: the checkpoint's own.")
 
 
 @dataclass
@@ -149,7 +163,7 @@ def warm_up(model: DiffusionModel, entry: ModelEntry) -> None:
     from PIL import Image
 
     values = {**entry.defaults, **entry.fixed}
-    side = 1024 if entry.kind.startswith("sdxl") else 512
+    side = native_side(entry)
     width, height = int(values.get("width", side)), int(values.get("height", side))
     call = {"width": width, "height": height, "image": Image.new("RGB", (width, height)),
             "num_inference_steps": int(values.get("num_inference_steps") or 2),
@@ -157,6 +171,11 @@ def warm_up(model: DiffusionModel, entry: ModelEntry) -> None:
                if values.get(k) is not None}}
     with torch.inference_mode():
         model.pipe(prompt="warm-up", **accepted(model.pipe, call))
+
+
+def native_side(entry: ModelEntry) -> int:
+    """The side of the square images the entry's family was trained at."""
+    return 1024 if entry.kind.startswith("sdxl") else 512
 
 
 def set_scheduler(pipe: Any, name: str | None) -> None:
@@ -196,29 +215,38 @@ def from_folder(cls: Any, entry: ModelEntry, files: ModelFiles, device: Device,
                                variant=variant_if_present(folder, entry.variant), **kwargs)
 
 
-def load_family(entry: ModelEntry, files: ModelFiles, device: Device) -> DiffusionModel:
+def load_family(entry: ModelEntry, files: ModelFiles, device: Device,
+                options: DiffusionOptions) -> DiffusionModel:
     """The SD/SDXL families for text-to-image and image-to-image, by the entry's kind:
     `sd`, `sdxl` (auto pipelines), `sdxl-lightning` (a step-distilled UNet file on the SDXL
-    base) and `pix2pix` (InstructPix2Pix)."""
+    base) and `pix2pix` (InstructPix2Pix); `options` are the calling pipeline's, typed."""
     import diffusers
 
-    options: dict[str, Any] = {}
+    parts: dict[str, Any] = {}
     if entry.kind in ("sd", "pix2pix"):  # images are checked by the runner's batched checker
-        options.update(safety_checker=None, requires_safety_checker=False)
+        parts.update(safety_checker=None, requires_safety_checker=False)
     if "vae" in entry.components:  # the fp16-fix VAE: decodes in fp16 without an fp32 upcast
         source = entry.components["vae"]
-        options["vae"] = diffusers.AutoencoderKL.from_pretrained(
+        parts["vae"] = diffusers.AutoencoderKL.from_pretrained(
             files.folder(source.repo, source.revision), dtype=device.dtype(entry.dtype))
     if entry.kind == "sdxl-lightning":
         cls = getattr(diffusers, LIGHTNING_PIPELINES[entry.pipeline])
         base = files.folder(entry.main.repo, entry.main.revision)
-        options["unet"] = lightning_unet(entry, files, base, device)
+        parts["unet"] = lightning_unet(entry, files, base, device)
     elif entry.kind == "pix2pix":
         cls = diffusers.StableDiffusionInstructPix2PixPipeline
     else:
         cls = getattr(diffusers, AUTO_PIPELINES[entry.pipeline])
-    pipe = from_folder(cls, entry, files, device, **options)
-    return finish_loading(pipe, device, entry.options.get("scheduler"), compile=device.compile)
+    pipe = from_folder(cls, entry, files, device, **parts)
+    return finish_loading(pipe, device, options.scheduler, compile=device.compile)
+
+
+def lightning_unet_file(entry: ModelEntry) -> tuple[str, str, str]:
+    """Repo, file and revision of an sdxl-lightning entry's UNet (`components.unet.file`)."""
+    source = entry.components.get("unet")
+    if source is None or source.file is None:
+        raise ValueError(f"models.yaml: {entry.id} (sdxl-lightning) names no components.unet.file")
+    return source.repo, source.file, source.revision
 
 
 def lightning_unet(entry: ModelEntry, files: ModelFiles, base: Path, device: Device) -> Any:
@@ -228,8 +256,7 @@ def lightning_unet(entry: ModelEntry, files: ModelFiles, base: Path, device: Dev
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
-    source = entry.components["unet"]
-    weights = files.file(source.repo, source.file, source.revision)
+    weights = files.file(*lightning_unet_file(entry))
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base / "unet"))
     unet.load_state_dict(load_file(weights), assign=True)
@@ -253,7 +280,7 @@ def generators(device: Device, image_seeds: list[int]) -> list[Any]:
 def prompt_kwargs(pipe: Any, prompt: str, negative: str) -> dict[str, str]:
     """`a|b` feeds prompt and prompt_2 (SDXL's second text encoder); a model with a single
     text encoder gets the text unsplit."""
-    params = call_params(type(pipe))
+    params = call_params(pipe)
     slots = [s for s in PROMPT_SLOTS if s in params]
     kwargs: dict[str, str] = {}
     for kind, text in (("", prompt), ("negative_", negative)):
@@ -270,20 +297,26 @@ def prompt_kwargs(pipe: Any, prompt: str, negative: str) -> dict[str, str]:
 def accepted(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments this pipeline's __call__ takes (image_guidance_scale only
     means something to InstructPix2Pix, strength only to img2img)."""
-    params = call_params(type(pipe))
+    params = call_params(pipe)
     return {k: v for k, v in kwargs.items() if k in params}
 
 
+def call_params(pipe: Any) -> frozenset[str]:
+    """The parameter names of the pipeline's __call__."""
+    cls: type = type(pipe)
+    return _call_params(cls)
+
+
 @functools.cache
-def call_params(cls: type) -> frozenset[str]:
-    """The parameter names of a pipeline class's __call__, read once per class: building a
-    signature costs more than the rest of a request's own bookkeeping."""
+def _call_params(cls: type) -> frozenset[str]:
+    """Read once per class: building a signature costs more than the rest of a request's own
+    bookkeeping."""
     import inspect
 
     return frozenset(inspect.signature(cls.__call__).parameters)
 
 
-def generate_images(model: DiffusionModel, request: Any, ctx: Any,
+def generate_images(model: DiffusionModel, request: Any, ctx: RunContext,
                     **inputs: Any) -> ImageResponse:
     """The run shared by the image pipelines; `inputs` are the task's own call arguments
     (size for text-to-image; image and strength for image-to-image)."""
@@ -308,7 +341,8 @@ def generate_images(model: DiffusionModel, request: Any, ctx: Any,
     return image_response(images, image_seeds, ctx)
 
 
-def image_response(images: list[Any], image_seeds: list[int], ctx: Any) -> ImageResponse:
+def image_response(images: list[Any], image_seeds: list[int],
+                   ctx: RunContext) -> ImageResponse:
     """One batched safety check (the operator's policy applied to flagged images), then PNG
     data URLs; called in the worker thread, off the event loop."""
     images, flags = ctx.check_safety(images)
@@ -569,6 +603,6 @@ def build_tiny_family(entry: ModelEntry, model_dir: Path) -> None:
             fixed.register_to_config(force_upcast=False)  # what the fp16-fix VAE's config says
             fixed.save_pretrained(folder)
     if entry.kind == "sdxl-lightning":
-        source = entry.components["unet"]
-        with writing_snapshot(model_dir, source.repo) as folder:
-            save_file(tiny_sdxl_unet().state_dict(), folder / source.file)
+        repo, file, _ = lightning_unet_file(entry)
+        with writing_snapshot(model_dir, repo) as folder:
+            save_file(tiny_sdxl_unet().state_dict(), folder / file)

@@ -28,10 +28,12 @@ from pydantic import BaseModel, Field, field_validator
 
 from pipelines import _working_memory as wm
 from pipelines._fields import ModelId
+from runner.context import RunContext
 from runner.device import Device
 from runner.errors import BadRequest
 from runner.hub import ModelFiles, writing_snapshot
 from runner.media import decode_audio
+from runner.options import Options as BaseOptions
 from runner.protocol import Upload
 from runner.registry import ModelEntry
 
@@ -40,8 +42,8 @@ REQUIRES = ("transformers>=4.56", "av")
 # go-livepeer's client decodes 413 and 415 on this route (an upload too large, undecodable audio).
 ERROR_STATUSES = (400, 401, 413, 415, 422, 500)
 RATE = 16_000  # Whisper's feature extractor works at 16 kHz
-DEFAULT_MAX_SECONDS = 2 * 60 * 60
-DEFAULT_CHUNK_LENGTH_S = 30
+DEFAULT_MAX_SECONDS = 2 * 60 * 60.0
+DEFAULT_CHUNK_LENGTH_S = 30.0
 DEFAULT_BATCH_SIZE = 16
 # Greedy decoding and one generate call per window. The v5 ASR pipeline would otherwise use 5
 # beams unless the model's generation_config.json sets num_beams, and v5 Whisper re-runs
@@ -95,9 +97,23 @@ Request = AudioToTextParams
 Response = TextResponse
 
 
+class Options(BaseOptions):
+    """models.yaml `options:` of audio-to-text models."""
+
+    chunk_length_s: float = Field(DEFAULT_CHUNK_LENGTH_S, gt=0, description="Seconds of audio "
+                                  "per window (what the model was trained on).")
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, description="Windows transcribed at once.")
+    max_seconds: float = Field(DEFAULT_MAX_SECONDS, gt=0,
+                               description="Longer audio is refused with a 400.")
+    generate_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="generate() arguments over the defaults (greedy, one "
+        "generate call per window).")
+
+
 def load(entry: ModelEntry, files: ModelFiles, device: Device) -> Any:
     from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor, pipeline
 
+    options = Options.of(entry)
     folder = files.folder(entry.main.repo, entry.main.revision)
     model = AutoModelForSpeechSeq2Seq.from_pretrained(
         folder, dtype=device.dtype(entry.dtype), attn_implementation="sdpa",
@@ -107,14 +123,13 @@ def load(entry: ModelEntry, files: ModelFiles, device: Device) -> Any:
     return pipeline(
         "automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
         feature_extractor=processor.feature_extractor, device=device.torch,
-        chunk_length_s=float(entry.options.get("chunk_length_s", DEFAULT_CHUNK_LENGTH_S)),
-        batch_size=int(entry.options.get("batch_size", DEFAULT_BATCH_SIZE)),
+        chunk_length_s=options.chunk_length_s, batch_size=options.batch_size,
         ignore_warning=True,  # "chunk_length_s is very experimental": it is the design here
     )
 
 
 def max_seconds(entry: ModelEntry) -> float:
-    return float(entry.options.get("max_seconds", DEFAULT_MAX_SECONDS))
+    return Options.of(entry).max_seconds
 
 
 def generate_kwargs(entry: ModelEntry, mode: bool | str) -> dict[str, Any]:
@@ -122,7 +137,7 @@ def generate_kwargs(entry: ModelEntry, mode: bool | str) -> dict[str, Any]:
     `force_unique_generate_call`: with it, transformers 5.23 pairs the token timestamps of the
     window's segments with sequences that still hold the decoder prompt, and its ASR
     post-processing fails with an IndexError."""
-    kwargs = {**DEFAULT_GENERATE, **entry.options.get("generate_kwargs", {})}
+    kwargs = {**DEFAULT_GENERATE, **Options.of(entry).generate_kwargs}
     if mode == "word":
         kwargs["force_unique_generate_call"] = False
     return kwargs
@@ -138,7 +153,7 @@ def parse_metadata(text: str) -> Any:
         raise BadRequest(f"metadata is not valid JSON: {exc}") from exc
 
 
-def run(asr: Any, request: AudioToTextParams, ctx) -> TextResponse:
+def run(asr: Any, request: AudioToTextParams, ctx: RunContext) -> TextResponse:
     import torch
 
     # 1. Fields first, they are cheap: metadata must be JSON (400 otherwise; it is accepted and
@@ -253,4 +268,4 @@ def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
 
 def working_memory(entry: ModelEntry, request: Any, float_bytes: int) -> int:
     """Whisper's working memory follows its fixed 30 s window, times the windows in a batch."""
-    return wm.fixed(384, float_bytes, int(entry.options.get("batch_size", DEFAULT_BATCH_SIZE)))
+    return wm.fixed(384, float_bytes, Options.of(entry).batch_size)

@@ -24,6 +24,7 @@ from pipelines._fields import (
     Seed,
     Steps,
 )
+from runner.context import RunContext
 from runner.device import Device
 from runner.errors import BadRequest
 from runner.hub import ModelFiles
@@ -60,18 +61,25 @@ Request = ImageToImageParams
 Response = ImageResponse
 
 
+class Options(diffusion.DiffusionOptions):
+    """models.yaml `options:` of image-to-image models."""
+
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="Larger input images are "
+                            "scaled down to this many pixels, aspect ratio kept.")
+
+
 def load(entry: ModelEntry, files: ModelFiles, device: Device) -> diffusion.DiffusionModel:
-    return diffusion.load_family(entry, files, device)
+    return diffusion.load_family(entry, files, device, Options.of(entry))
 
 
-def run(model: diffusion.DiffusionModel, request: ImageToImageParams, ctx) -> ImageResponse:
+def run(model: diffusion.DiffusionModel, request: ImageToImageParams,
+        ctx: RunContext) -> ImageResponse:
     entry = ctx.entry
     # 1. The input: EXIF-rotated RGB, scaled into the model's pixel cap, sides a multiple of
     #    the model's latent grid (64 for SDXL); the output size follows it.
     image = decode_image(request.image.file.read(), ctx.settings.max_image_pixels)
     multiple = 64 if entry.kind in SDXL_KINDS else 8
-    image = diffusion.fit_image(image, multiple,
-                                int(entry.options.get("max_pixels", DEFAULT_MAX_PIXELS)))
+    image = diffusion.fit_image(image, multiple, Options.of(entry).max_pixels)
     # 2. img2img denoises strength x steps of the schedule: at least one step must remain.
     if entry.kind != "pix2pix":
         check_strength(request.strength, request.num_inference_steps)
@@ -96,7 +104,7 @@ warm_up = diffusion.warm_up  # TORCH_COMPILE: compile at load, at the served siz
 
 
 def output_size(entry: ModelEntry, request: ImageToImageParams) -> tuple[int, int]:
-    return wm.upload_size(request.image, int(entry.options.get("max_pixels", DEFAULT_MAX_PIXELS)))
+    return wm.upload_size(request.image, Options.of(entry).max_pixels)
 
 
 def working_memory(entry: ModelEntry, request: ImageToImageParams, float_bytes: int) -> int:

@@ -36,10 +36,12 @@ from pydantic import BaseModel, Field
 
 from pipelines import _working_memory as wm
 from pipelines._fields import ModelId
+from runner.context import RunContext
 from runner.device import Device
 from runner.errors import BadRequest
 from runner.hub import ModelFiles, writing_snapshot
 from runner.media import decode_image
+from runner.options import Options as BaseOptions
 from runner.protocol import Upload
 from runner.registry import ModelEntry
 
@@ -72,6 +74,18 @@ class ImageToTextResponse(BaseModel):
 
 Request = ImageToTextParams
 Response = ImageToTextResponse
+
+
+class Options(BaseOptions):
+    """models.yaml `options:` of image-to-text models."""
+
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1,
+                                description="Most tokens a caption adds to its prompt.")
+    num_beams: int = Field(DEFAULT_NUM_BEAMS, ge=1, description="Beam search width (1: greedy).")
+    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1,
+                                description="Most requests captioned in one generate call.")
+    batch_window_ms: float = Field(DEFAULT_BATCH_WINDOW_MS, ge=0, description="How long the "
+                                   "first request of a batch waits for others to join.")
 
 
 # -- the batcher ---------------------------------------------------------------------------
@@ -125,7 +139,7 @@ class Batcher:
         with self._cond:
             batch = self._open.get(key)
             leader = batch is None
-            if leader:
+            if batch is None:
                 batch = self._open[key] = _Batch(key)
             index = len(batch.items)
             batch.items.append(item)
@@ -263,17 +277,16 @@ def load(entry: ModelEntry, files: ModelFiles, device: Device) -> CaptionModel:
     processor = BlipProcessor.from_pretrained(folder)
     model = BlipForConditionalGeneration.from_pretrained(folder, dtype=device.dtype(entry.dtype))
     model.to(device.torch).eval()
-    options = entry.options
+    options = Options.of(entry)
     return CaptionModel(
-        model, processor, device,
-        max_new_tokens=int(options.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
-        num_beams=int(options.get("num_beams", DEFAULT_NUM_BEAMS)),
-        max_batch_size=int(options.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)),
-        batch_window_ms=float(options.get("batch_window_ms", DEFAULT_BATCH_WINDOW_MS)),
+        model, processor, device, max_new_tokens=options.max_new_tokens,
+        num_beams=options.num_beams, max_batch_size=options.max_batch_size,
+        batch_window_ms=options.batch_window_ms,
     )
 
 
-def run(model: CaptionModel, request: ImageToTextParams, ctx) -> ImageToTextResponse:
+def run(model: CaptionModel, request: ImageToTextParams,
+        ctx: RunContext) -> ImageToTextResponse:
     # 1. Decode the upload (400 if undecodable or over MAX_IMAGE_PIXELS).
     image = decode_image(request.image.file.read(), ctx.settings.max_image_pixels)
     # 2. Preprocess here, in parallel with other requests: image to tensor, prompt to tokens.

@@ -19,10 +19,12 @@ from pipelines import _diffusion as diffusion
 from pipelines import _working_memory as wm
 from pipelines._fields import ModelId, SafetyCheck, Seed, Steps
 from runner import safety
+from runner.context import RunContext
 from runner.device import Device
 from runner.errors import BadRequest
 from runner.hub import ModelFiles, writing_snapshot
 from runner.media import data_url, decode_image
+from runner.options import Options as BaseOptions
 from runner.protocol import Media, Upload
 from runner.registry import ModelEntry
 
@@ -32,6 +34,10 @@ MIN_SIDE = 64
 MAX_SIDE = 1024
 SIZE_MULTIPLE = 8  # SVD's latents are 1/8 of the frame size
 SAFETY_SAMPLES = 4  # output frames checked, evenly spaced, first and last included
+# SVD's own frame size (width, height) and frame rate, for a field neither the client nor the
+# entry's models.yaml defaults set.
+NATIVE_SIZE = (1024, 576)
+NATIVE_FPS = 7
 
 
 class ImageToVideoParams(BaseModel):
@@ -69,6 +75,15 @@ Request = ImageToVideoParams
 Response = VideoResponse
 
 
+class Options(BaseOptions):
+    """models.yaml `options:` of image-to-video models."""
+
+    num_frames: int | None = Field(None, gt=0, description="Frames per video; default: what "
+                                   "the model was trained for (its UNet config).")
+    decode_chunk_size: int = Field(8, gt=0, description="Frames the VAE decodes at a time: "
+                                   "fewer use less memory.")
+
+
 def load(entry: ModelEntry, files: ModelFiles, device: Device) -> diffusion.DiffusionModel:
     from diffusers import StableVideoDiffusionPipeline
 
@@ -78,13 +93,20 @@ def load(entry: ModelEntry, files: ModelFiles, device: Device) -> diffusion.Diff
     return diffusion.finish_loading(pipe, device, scheduler=None, channels_last=False)
 
 
-def run(model: diffusion.DiffusionModel, request: ImageToVideoParams, ctx) -> VideoResponse:
+def frame_size(request: ImageToVideoParams) -> tuple[int, int]:
+    """Width and height of the frames: the request's, models.yaml defaults filled in."""
+    return request.width or NATIVE_SIZE[0], request.height or NATIVE_SIZE[1]
+
+
+def run(model: diffusion.DiffusionModel, request: ImageToVideoParams,
+        ctx: RunContext) -> VideoResponse:
     import torch
 
-    pipe, options = model.pipe, ctx.entry.options
+    pipe, options = model.pipe, Options.of(ctx.entry)
+    width, height = frame_size(request)
+    fps = request.fps or NATIVE_FPS
     # 1. Frame size the model can take (latents are 1/8 of it), then the upload.
-    for name in ("height", "width"):
-        value = getattr(request, name)
+    for name, value in (("height", height), ("width", width)):
         if value % SIZE_MULTIPLE:
             raise BadRequest(f"{name} must be a multiple of {SIZE_MULTIPLE}, got {value}")
     image = decode_image(request.image.file.read(), ctx.settings.max_image_pixels)
@@ -94,24 +116,24 @@ def run(model: diffusion.DiffusionModel, request: ImageToVideoParams, ctx) -> Vi
     # The pipeline resizes the input in float32 on the CPU (a 4096x4096 upload, a few KB as
     # PNG, took 1.6 GB): shrink a huge one first, aspect ratio kept, to 4x the frame's pixels
     # (and at least 448x448, twice what the CLIP image encoder reads), never up.
-    image = diffusion.fit_image(image, 1, max(4 * request.width * request.height, 448 * 448))
+    image = diffusion.fit_image(image, 1, max(4 * width * height, 448 * 448))
     # 2. The input image is checked first: a flagged one makes every frame flagged, and
     #    under the black policy the video is not generated at all.
     _, (flagged,) = ctx.check_safety([image])
-    num_frames = int(options.get("num_frames") or pipe.unet.config.num_frames)
+    num_frames = options.num_frames or int(pipe.unet.config.num_frames)
     (seed,) = diffusion.seeds(request.seed, 1)
     if flagged and ctx.settings.safety_policy == "black":
-        frames = [Image.new("RGB", (request.width, request.height))] * num_frames
+        frames = [Image.new("RGB", (width, height))] * num_frames
     else:
         # 3. Denoise all frames in one call; the VAE decodes them in chunks.
         (generator,) = diffusion.generators(model.device, [seed])
         with ctx.stage("denoise"), torch.inference_mode():
             frames = pipe(
-                image, height=request.height, width=request.width, num_frames=num_frames,
-                num_inference_steps=request.num_inference_steps, fps=request.fps,
+                image, height=height, width=width, num_frames=num_frames,
+                num_inference_steps=request.num_inference_steps, fps=fps,
                 motion_bucket_id=request.motion_bucket_id,
                 noise_aug_strength=request.noise_aug_strength,
-                decode_chunk_size=int(options.get("decode_chunk_size", 8)),
+                decode_chunk_size=options.decode_chunk_size,
                 generator=generator, callback_on_step_end=ctx.step_callback).frames[0]
         # 4. A sample of the output frames in one batched check; if the input or any
         #    sampled frame is flagged, the operator's policy applies to every frame.
@@ -124,7 +146,7 @@ def run(model: diffusion.DiffusionModel, request: ImageToVideoParams, ctx) -> Vi
     # 5. One batch: a PNG data URL per frame, or the whole video as one mp4 data URL.
     with ctx.stage("encode"):
         if request.output_format == "mp4":
-            urls = [data_url("video/mp4", encode_mp4(frames, request.fps))]
+            urls = [data_url("video/mp4", encode_mp4(frames, fps))]
         else:
             urls = [ctx.encode_png(frame) for frame in frames]
     return VideoResponse(frames=[[Media(url=url, seed=seed, nsfw=flagged) for url in urls]])
@@ -201,12 +223,14 @@ def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
 
 
 def working_memory(entry: ModelEntry, request: ImageToVideoParams, float_bytes: int) -> int:
-    frames = int(entry.options.get("num_frames") or 25)
-    chunk = int(entry.options.get("decode_chunk_size") or frames)
-    pixels = request.width * request.height
-    # SVD guides every frame (a batch of 2 x frames) and decodes `chunk` frames at a time.
-    return wm.diffusion(2 * frames, pixels // 64, min(chunk, frames) * pixels, float_bytes)
+    options = Options.of(entry)
+    frames = options.num_frames or 25
+    width, height = frame_size(request)
+    pixels = width * height
+    # SVD guides every frame (a batch of 2 x frames) and decodes decode_chunk_size at a time.
+    return wm.diffusion(2 * frames, pixels // 64, min(options.decode_chunk_size, frames) * pixels,
+                        float_bytes)
 
 
 def largest_fitting(entry: ModelEntry, request: ImageToVideoParams, fraction: float) -> str:
-    return wm.square_hint(request.width, request.height, fraction, "frames")
+    return wm.square_hint(*frame_size(request), fraction, "frames")

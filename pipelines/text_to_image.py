@@ -23,6 +23,7 @@ from pipelines._fields import (
     Seed,
     Steps,
 )
+from runner.context import RunContext
 from runner.device import Device
 from runner.hub import ModelFiles
 from runner.protocol import ImageResponse
@@ -54,13 +55,15 @@ class TextToImageParams(BaseModel):
 
 Request = TextToImageParams
 Response = ImageResponse
+Options = diffusion.DiffusionOptions  # models.yaml `options:`: the scheduler
 
 
 def load(entry: ModelEntry, files: ModelFiles, device: Device) -> diffusion.DiffusionModel:
-    return diffusion.load_family(entry, files, device)
+    return diffusion.load_family(entry, files, device, Options.of(entry))
 
 
-def run(model: diffusion.DiffusionModel, request: TextToImageParams, ctx) -> ImageResponse:
+def run(model: diffusion.DiffusionModel, request: TextToImageParams,
+        ctx: RunContext) -> ImageResponse:
     return diffusion.generate_images(model, request, ctx, height=request.height,
                                      width=request.width)
 
@@ -72,12 +75,19 @@ def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
 warm_up = diffusion.warm_up  # TORCH_COMPILE: compile at load, at the served size
 
 
+def image_size(entry: ModelEntry, request: TextToImageParams) -> tuple[int, int]:
+    """Width and height of the images: the request's, models.yaml defaults filled in, else the
+    size the model was trained at (what diffusers renders without one)."""
+    side = diffusion.native_side(entry)
+    return request.width or side, request.height or side
+
+
 def working_memory(entry: ModelEntry, request: TextToImageParams, float_bytes: int) -> int:
     images = request.num_images_per_prompt
-    return wm.diffusion(wm.guided_batch(images, request.guidance_scale),
-                        request.width * request.height // 64,
-                        images * request.width * request.height, float_bytes)
+    width, height = image_size(entry, request)
+    return wm.diffusion(wm.guided_batch(images, request.guidance_scale), width * height // 64,
+                        images * width * height, float_bytes)
 
 
 def largest_fitting(entry: ModelEntry, request: TextToImageParams, fraction: float) -> str:
-    return wm.square_hint(request.width, request.height, fraction)
+    return wm.square_hint(*image_size(entry, request), fraction)

@@ -26,17 +26,22 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, field_validator
 
 from pipelines import _working_memory as wm
 from pipelines._fields import ModelId
+from runner.context import RunContext
 from runner.device import Device
 from runner.errors import BadRequest
 from runner.hub import ModelFiles, writing_snapshot
 from runner.media import wav_data_url
+from runner.options import Options as BaseOptions
 from runner.registry import ModelEntry
+
+if TYPE_CHECKING:
+    import numpy as np
 
 NAME = "text-to-speech"
 REQUIRES = ("parler_tts", "soundfile")
@@ -82,6 +87,17 @@ class AudioResponse(BaseModel):
 
 Request = TextToSpeechParams
 Response = AudioResponse
+
+
+class Options(BaseOptions):
+    """models.yaml `options:` of text-to-speech models."""
+
+    max_characters: int = Field(DEFAULT_MAX_CHARACTERS, ge=1,
+                                description="Longer text is refused with a 400.")
+    chunk_characters: int = Field(DEFAULT_CHUNK_CHARACTERS, ge=1, description="Most characters "
+                                  "per generated piece (split at sentence, then word, bounds).")
+    pause_seconds: float = Field(DEFAULT_PAUSE_SECONDS, ge=0,
+                                 description="Silence between the pieces.")
 
 
 @dataclass
@@ -189,7 +205,7 @@ def split_text(text: str, limit: int) -> list[str]:
 
 # -- inference -----------------------------------------------------------------------------
 
-def generate_piece(model: ParlerModel, description: Any, text: str, seed: int):
+def generate_piece(model: ParlerModel, description: Any, text: str, seed: int) -> np.ndarray:
     """One piece of speech as a 1-D float32 numpy array at the model's sampling rate."""
     import torch
 
@@ -202,18 +218,17 @@ def generate_piece(model: ParlerModel, description: Any, text: str, seed: int):
     return audio[0].float().cpu().numpy().reshape(-1)
 
 
-def run(model: ParlerModel, request: TextToSpeechParams, ctx) -> AudioResponse:
+def run(model: ParlerModel, request: TextToSpeechParams, ctx: RunContext) -> AudioResponse:
     import numpy as np
 
-    options = ctx.entry.options
+    options = Options.of(ctx.entry)
     # 1. The hard cap: beyond it the request is refused, not queued for minutes.
-    limit = int(options.get("max_characters", DEFAULT_MAX_CHARACTERS))
+    limit = options.max_characters
     if len(request.text) > limit:
         raise BadRequest(f"text is {len(request.text)} characters long; {ctx.entry.id} reads "
                          f"at most {limit} per request")
     # 2. Pieces the model can read in one generate: whole sentences where they fit.
-    pieces = split_text(request.text, int(options.get("chunk_characters",
-                                                      DEFAULT_CHUNK_CHARACTERS)))
+    pieces = split_text(request.text, options.chunk_characters)
     # 3. The description is tokenized once and steers every piece.
     description = model.tokenizer(request.description, return_tensors="pt").to(
         model.device.torch)
@@ -226,8 +241,7 @@ def run(model: ParlerModel, request: TextToSpeechParams, ctx) -> AudioResponse:
         for piece in pieces:
             audio.append(generate_piece(model, description, piece, seed))
     # 5. Joined with a short silence between pieces.
-    pause = np.zeros(round(float(options.get("pause_seconds", DEFAULT_PAUSE_SECONDS))
-                           * model.sampling_rate), dtype=np.float32)
+    pause = np.zeros(round(options.pause_seconds * model.sampling_rate), dtype=np.float32)
     joined = [audio[0]]
     for samples in audio[1:]:
         joined += [pause, samples]

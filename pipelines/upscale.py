@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from pipelines import _diffusion as diffusion
 from pipelines import _working_memory as wm
 from pipelines._fields import ModelId, Prompt, SafetyCheck, Seed, Steps
+from runner.context import RunContext
 from runner.device import Device
 from runner.hub import ModelFiles, writing_snapshot
 from runner.media import decode_image
@@ -52,6 +53,17 @@ Request = UpscaleParams
 Response = ImageResponse
 
 
+class Options(diffusion.DiffusionOptions):
+    """models.yaml `options:` of upscale models."""
+
+    max_input_pixels: int = Field(
+        DEFAULT_MAX_INPUT_PIXELS, gt=0, description="Larger input images are scaled down to "
+        "this many pixels, aspect ratio kept (the output has 16 times as many).")
+    vae_tiling_above_pixels: int = Field(
+        DEFAULT_VAE_TILING_ABOVE_PIXELS, ge=0, description="Outputs of more pixels than this "
+        "are decoded by the VAE in tiles.")
+
+
 def load(entry: ModelEntry, files: ModelFiles, device: Device) -> diffusion.DiffusionModel:
     import torch
     from diffusers import StableDiffusionUpscalePipeline
@@ -62,7 +74,7 @@ def load(entry: ModelEntry, files: ModelFiles, device: Device) -> diffusion.Diff
         # upscaler expects an IF-style checker and fails with the SD one.
         safety_checker=None, feature_extractor=None, watermarker=None,
     )
-    model = diffusion.finish_loading(pipe, device, entry.options.get("scheduler"))
+    model = diffusion.finish_loading(pipe, device, Options.of(entry).scheduler)
     if pipe.vae.dtype == torch.float16 and pipe.vae.config.get("force_upcast", True):
         # The x4 VAE overflows in fp16: diffusers would cast it to fp32 and back around every
         # decode (with a deprecation warning each time); keeping it fp32 does that once.
@@ -71,13 +83,12 @@ def load(entry: ModelEntry, files: ModelFiles, device: Device) -> diffusion.Diff
 
 
 def input_cap(entry: ModelEntry) -> int:
-    return int(entry.options.get("max_input_pixels", DEFAULT_MAX_INPUT_PIXELS))
+    return Options.of(entry).max_input_pixels
 
 
 def needs_vae_tiling(width: int, height: int, entry: ModelEntry) -> bool:
     """Whether an output of `width` x `height` is large enough to decode in tiles."""
-    above = int(entry.options.get("vae_tiling_above_pixels", DEFAULT_VAE_TILING_ABOVE_PIXELS))
-    return width * height > above
+    return width * height > Options.of(entry).vae_tiling_above_pixels
 
 
 def set_vae_tiling(vae: Any, on: bool) -> None:
@@ -88,7 +99,8 @@ def set_vae_tiling(vae: Any, on: bool) -> None:
         vae.disable_tiling()
 
 
-def run(model: diffusion.DiffusionModel, request: UpscaleParams, ctx) -> ImageResponse:
+def run(model: diffusion.DiffusionModel, request: UpscaleParams,
+        ctx: RunContext) -> ImageResponse:
     import torch
 
     pipe = model.pipe

@@ -10,13 +10,23 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from runner.context import RunContext
 from runner.errors import BadRequest
 from runner.hub import ModelFiles, writing_snapshot
 from runner.media import decode_image
+from runner.options import Options as BaseOptions
 from runner.protocol import Upload
 from runner.registry import ModelEntry
 
 NAME = "echo-image"
+
+
+class Options(BaseOptions):
+    bytes: int = Field(4096, ge=4, description="Size of the random weights written.")
+    load_seconds: float = Field(0.0, ge=0, description="How long a load sleeps.")
+    fail_load: bool = Field(False, description="Loading raises, as a broken checkpoint would.")
+
+
 STOPPED: list[str] = []  # models whose run saw its client go away
 
 
@@ -51,13 +61,13 @@ def load(entry: ModelEntry, files: ModelFiles, device) -> dict:
     from safetensors.torch import load_file
 
     folder = files.folder(entry.main.repo)
-    time.sleep(float(entry.options.get("load_seconds", 0)))
-    if entry.options.get("fail_load"):
+    time.sleep(Options.of(entry).load_seconds)
+    if Options.of(entry).fail_load:
         raise RuntimeError("this checkpoint is broken on purpose")
     return {"id": entry.id, "weights": load_file(folder / "model.safetensors")}
 
 
-def run(model: dict, request: EchoParams, ctx) -> EchoResponse:
+def run(model: dict, request: EchoParams, ctx: RunContext) -> EchoResponse:
     image = decode_image(request.image.file.read(), ctx.settings.max_image_pixels)
     try:
         points = json.loads(request.points) if request.points else []
@@ -83,6 +93,6 @@ def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    numel = int(entry.options.get("bytes", 4096)) // 4
+    numel = Options.of(entry).bytes // 4
     with writing_snapshot(model_dir, entry.main.repo) as folder:
         save_file({"w": torch.zeros(numel)}, folder / "model.safetensors")
