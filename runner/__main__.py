@@ -9,8 +9,15 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from runner.settings import Settings
 
 
 class Server(uvicorn.Server):
@@ -37,7 +44,7 @@ class Server(uvicorn.Server):
 EXIT_MISSING_MODELS = 78
 
 
-def refuse_to_start(problems: dict[str, list[str]], model_dir) -> int:
+def refuse_to_start(problems: dict[str, list[str]], model_dir: Path) -> int:
     from runner.checkpoints import fetch_command
 
     log = logging.getLogger("runner")
@@ -71,7 +78,7 @@ def main() -> None:
     Server(server_config(app, settings)).run()
 
 
-def server_config(app, settings) -> uvicorn.Config:
+def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     """uvicorn as the runner serves: on SIGTERM it stops accepting, lets in-flight requests
     finish within the grace period, then the lifespan unloads every model; connections that
     send no request head in time, or exceed the cap, are closed (runner/connections.py)."""

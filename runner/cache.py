@@ -340,8 +340,7 @@ class ModelCache:
         self._disturb_runs()
         try:
             if source == "host":
-                await anyio.to_thread.run_sync(self._loader.move, slot.entry, slot.model,
-                                             "device")
+                await self._move(slot, "device")
             else:
                 slot.model = await anyio.to_thread.run_sync(self._loader.load, slot.entry)
                 # Off the event loop: a model held by a daemon is measured over HTTP.
@@ -523,7 +522,7 @@ class ModelCache:
             raise Unavailable(f"could not free enough memory to load {keep.entry.id}; retry "
                               "shortly", retry_after=math.ceil(self._retry_after()))
 
-    def _plan(self, shortfall: int, keep: Slot) -> list[tuple[Slot, str]]:
+    def _plan(self, shortfall: int, keep: Slot | None) -> list[tuple[Slot, str]]:
         """Idle device models to move out, and where to, freeing at least `shortfall` bytes at
         the least reload cost per byte; pinned models only as a last resort, and only down to
         the host tier. Empty when even all of them would not free enough."""
@@ -544,6 +543,13 @@ class ModelCache:
             plan.append((slot, target))
             freed += slot.bytes
         return plan if freed >= shortfall else []
+
+    async def _move(self, slot: Slot, target: str) -> None:
+        """The loader's move, in a worker thread. Only reached with a host tier, and the host
+        budget is 0 for a loader without one."""
+        if (move := self._loader.move) is None:
+            raise RuntimeError("a move between tiers, but the loader cannot move models")
+        await anyio.to_thread.run_sync(move, slot.entry, slot.model, target)
 
     async def _execute(self, plan: list[tuple[Slot, str]], reason: str) -> None:
         """Run the moves of a plan; every victim is marked moving before the first await, so
@@ -571,8 +577,7 @@ class ModelCache:
         try:
             if target == "host":
                 await self._make_host_room(slot)
-                await anyio.to_thread.run_sync(self._loader.move, slot.entry,
-                                             slot.model, "host")
+                await self._move(slot, "host")
                 slot.tier, slot.demotions = "host", slot.demotions + 1
                 metrics.CACHE_DEMOTIONS.labels(slot.entry.id).inc()
             else:

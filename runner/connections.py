@@ -55,8 +55,10 @@ class GuardedH11(H11Protocol):
         self.head_deadline = self.loop.call_later(self.header_timeout, self._too_slow)
 
     def _cancel_deadline(self) -> None:
-        if getattr(self, "head_deadline", None) is not None:
-            self.head_deadline.cancel()
+        # getattr: the attribute exists only once connection_made has run.
+        deadline: asyncio.TimerHandle | None = getattr(self, "head_deadline", None)
+        if deadline is not None:
+            deadline.cancel()
             self.head_deadline = None
 
     def _too_slow(self) -> None:

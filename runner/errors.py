@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.encoders import jsonable_encoder
@@ -120,13 +122,14 @@ def decodable(request: Request) -> frozenset[int] | None:
     return decodable_in(request.scope, getattr(request.app.state, "decodable", {}))
 
 
-def decodable_in(scope: dict, table: dict[str, frozenset[int]]) -> frozenset[int] | None:
+def decodable_in(scope: Mapping[str, Any],
+                 table: dict[str, frozenset[int]]) -> frozenset[int] | None:
     """`table` (path -> statuses) for a request's scope: only POSTs have a restricted client."""
     return table.get(scope["path"]) if scope.get("method") == "POST" else None
 
 
 def answer(request: Request, status: int, msg: str,
-           headers: dict[str, str] | None = None) -> JSONResponse:
+           headers: Mapping[str, str] | None = None) -> JSONResponse:
     status, msg = for_client(status, msg, decodable(request))
     return JSONResponse(error_body(msg), status_code=status, headers=headers)
 
@@ -169,7 +172,9 @@ def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
-    app.add_exception_handler(RunnerError, _runner_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
+    # Starlette types every handler as taking any Exception, though it only ever passes one
+    # the class it is registered for: a narrower parameter is the documented use.
+    app.add_exception_handler(RunnerError, _runner_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)

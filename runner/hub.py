@@ -7,15 +7,29 @@ checkpoints and the tiny ones written in CPU mode are found by the same code.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from runner.errors import ModelLoadError
+
+
+class FileSource(Protocol):
+    """What `ModelFiles.present` reads of a registry Source (the registry imports this
+    module, so not the class itself)."""
+
+    @property
+    def repo(self) -> str: ...
+    @property
+    def revision(self) -> str: ...
+    @property
+    def file(self) -> str | None: ...
+
 
 # Hub ids only: no `..`, no absolute paths, no URLs, so nothing outside MODEL_DIR is reachable.
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
@@ -81,7 +95,7 @@ class ModelFiles:
     def has(self, repo: str, revision: str = "main") -> bool:
         return find_snapshot(self.model_dir, repo, revision) is not None
 
-    def present(self, sources) -> bool:
+    def present(self, sources: Iterable[FileSource]) -> bool:
         """Whether every source (repo, or single file of a repo) is on disk."""
         for source in sources:
             folder = find_snapshot(self.model_dir, source.repo, source.revision)

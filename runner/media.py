@@ -6,10 +6,17 @@ import base64
 import io
 import itertools
 import warnings
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from runner.errors import BadRequest, UnsupportedMedia
+
+if TYPE_CHECKING:
+    import numpy as np
+    from av.audio.stream import AudioStream
+    from av.container import InputContainer
+    from numpy.typing import ArrayLike
 
 
 def data_url(mime: str, payload: bytes) -> str:
@@ -111,7 +118,8 @@ def incomplete(image_format: str | None, data: bytes) -> str | None:
     return None
 
 
-def decode_audio(data: bytes, rate: int = 16_000, max_seconds: float | None = None):
+def decode_audio(data: bytes, rate: int = 16_000,
+                 max_seconds: float | None = None) -> np.ndarray:
     """Any container PyAV (FFmpeg) reads (wav, flac, mp3, mp4/m4a, webm, ogg) as mono float32
     samples at `rate`. 415 for anything undecodable; 400 once the decoded audio passes
     `max_seconds`, checked while decoding so a long file is never decoded whole."""
@@ -126,7 +134,7 @@ def decode_audio(data: bytes, rate: int = 16_000, max_seconds: float | None = No
     chunks, total, declared = [], 0, None
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
-            stream = next((s for s in container.streams if s.type == "audio"), None)
+            stream = next(iter(container.streams.audio), None)
             if stream is None:
                 raise UnsupportedMedia("the uploaded file has no audio stream")
             declared = declared_seconds(container, stream)
@@ -159,7 +167,7 @@ def decode_audio(data: bytes, rate: int = 16_000, max_seconds: float | None = No
 CUT_TOLERANCE_S = 0.1
 
 
-def declared_seconds(container, stream) -> float | None:
+def declared_seconds(container: InputContainer, stream: AudioStream) -> float | None:
     """The length the container's header declares, where it declares one."""
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
@@ -272,7 +280,7 @@ def _wav_cut_short(data: bytes) -> str | None:
     return None
 
 
-def wav_data_url(samples, rate: int) -> str:
+def wav_data_url(samples: ArrayLike, rate: int) -> str:
     """16-bit PCM WAV of float samples in [-1, 1] (mono, or frames x channels)."""
     import numpy as np
     import soundfile
