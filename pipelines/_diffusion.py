@@ -556,21 +556,6 @@ def save_pipeline(pipe: Any, folder: Path) -> None:
     index.write_text(index.read_text().replace("CLIPImageProcessorPil", "CLIPImageProcessor"))
 
 
-def write_tiny_lora(pipe: Any, folder: Path, rank: int = 4) -> None:
-    """A random LoRA for `pipe`'s UNet in the layout of hub LoRA repos."""
-    import torch
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    torch.manual_seed(1)
-    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
-                        target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    pipe.unet.add_adapter(config, adapter_name="tiny")
-    layers = get_peft_model_state_dict(pipe.unet, adapter_name="tiny")
-    type(pipe).save_lora_weights(folder, unet_lora_layers=layers)
-    pipe.unet.delete_adapters("tiny")
-
-
 def tiny_pix2pix_pipeline() -> Any:
     import torch
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline

@@ -236,10 +236,6 @@ class ModelCache:
         slot = self._slots.get(self.key(entry))
         return slot.model if slot is not None and slot.tier == "device" else None
 
-    def is_ready(self, entry: ModelEntry) -> bool:
-        slot = self._slots.get(self.key(entry))
-        return slot is not None and slot.tier == "device" and slot.moving is None
-
     # -- operator actions ---------------------------------------------------------------------
 
     async def pin(self, entry: ModelEntry) -> None:

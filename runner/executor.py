@@ -96,12 +96,6 @@ class Executor:
             lane.limiter.release()
             lane.record(time.monotonic() - started)
 
-    async def run(self, lane: Lane, fn: Callable[..., T], *args: Any,
-                  on_oom: Callable[[], Awaitable[Any] | Any] | None = None,
-                  deadline: float | None = None) -> T:
-        async with self.turn(lane, deadline):
-            return await self.call(fn, *args, on_oom=on_oom)
-
     async def run_async(self, lane: Lane, fn: Callable[..., Any], *args: Any,
                         deadline: float | None = None) -> Any:
         """Await a coroutine pipeline (one that waits on a daemon rather than computing) under

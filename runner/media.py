@@ -31,13 +31,6 @@ def png_data_url(image: Image.Image, compress_level: int = 1) -> str:
     return data_url("image/png", buf.getvalue())
 
 
-def decode_data_url(url: str) -> tuple[str, bytes]:
-    header, _, payload = url.partition(",")
-    if not header.startswith("data:") or not header.endswith(";base64"):
-        raise ValueError("not a base64 data URL")
-    return header[5:-7], base64.b64decode(payload)
-
-
 # Raster formats only: Pillow would otherwise hand EPS/PS uploads to Ghostscript when installed.
 # (JPEG covers multi-picture MPO files from phones.)
 Image.init()  # every plugin registered, so `formats=` finds them all

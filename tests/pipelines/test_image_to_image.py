@@ -11,6 +11,7 @@ from pipelines import _diffusion as diffusion
 from runner.hub import writing_snapshot
 from tests.conftest import decode_png_url, pixels, png_bytes, post_image, serving
 from tests.support.contract import assert_valid
+from tests.support.helpers import write_tiny_lora
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_strength_that_leaves_no_step_is_400(i2i):
 def test_loras_are_shared_with_text_to_image(i2i):
     model_dir = i2i.app.state.service.model_dir
     with writing_snapshot(model_dir, "test/tiny-sd15-lora") as folder:
-        diffusion.write_tiny_lora(diffusion.tiny_pix2pix_pipeline(), folder)
+        write_tiny_lora(diffusion.tiny_pix2pix_pipeline(), folder)
     plain = images(post(i2i, seed="4"))
     styled = images(post(i2i, seed="4", loras=json.dumps({"test/tiny-sd15-lora": 1.0})))
     assert not np.array_equal(pixels(plain[0]), pixels(styled[0]))

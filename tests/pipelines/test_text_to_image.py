@@ -8,6 +8,7 @@ import pytest
 from pipelines import _diffusion as diffusion
 from runner.hub import writing_snapshot
 from tests.conftest import decode_png_url, pixels, serving
+from tests.support.helpers import write_tiny_lora
 
 SMALL = {"width": 64, "height": 64}
 
@@ -91,9 +92,9 @@ def loras(t2i):
     """Two random LoRAs written into the runner's MODEL_DIR (tiny mode: its tiny folder)."""
     model_dir = t2i.app.state.service.model_dir
     with writing_snapshot(model_dir, "test/tiny-sdxl-lora") as folder:
-        diffusion.write_tiny_lora(diffusion.tiny_sdxl_pipeline(), folder)
+        write_tiny_lora(diffusion.tiny_sdxl_pipeline(), folder)
     with writing_snapshot(model_dir, "test/tiny-sd15-lora") as folder:
-        diffusion.write_tiny_lora(diffusion.tiny_sd_pipeline(), folder)
+        write_tiny_lora(diffusion.tiny_sd_pipeline(), folder)
     return model_dir
 
 
@@ -193,7 +194,7 @@ def test_fused_attention_matches_and_unfuses_for_a_lora(tmp_path):
     from runner.hub import ModelFiles, writing_snapshot
 
     with writing_snapshot(tmp_path, "test/fuse-lora") as folder:
-        diffusion.write_tiny_lora(diffusion.tiny_sd_pipeline(), folder)
+        write_tiny_lora(diffusion.tiny_sd_pipeline(), folder)
     files = ModelFiles(tmp_path)
     plain, fused = fresh_tiny_sd(), fresh_tiny_sd()
     diffusion.fuse_attention(fused)

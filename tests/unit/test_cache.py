@@ -25,6 +25,7 @@ from tests.support.fake_device import (
     touch,
     wait_for_thread_event,
 )
+from tests.support.helpers import is_ready
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -50,7 +51,7 @@ def test_model_that_fits_loads_beside_others():
         a = await touch(cache, entry("a"))
         b = await touch(cache, entry("b"))
         assert (a.id, b.id) == ("test/a", "test/b")
-        assert cache.is_ready(entry("a")) and cache.is_ready(entry("b"))
+        assert is_ready(cache, entry("a")) and is_ready(cache, entry("b"))
         assert cache.resident_bytes == 80
         assert fake.releases == 0
         # A warm model is a hit: no second load.
@@ -70,8 +71,8 @@ def test_over_budget_evicts_least_recently_used_idle_model(recent, victim, cheap
         await touch(cache, entry("b"))
         await touch(cache, entry(recent))  # the other one is now least recently used
         await touch(cache, entry("c"))
-        assert not cache.is_ready(entry(victim))
-        assert cache.is_ready(entry(recent)) and cache.is_ready(entry("c"))
+        assert not is_ready(cache, entry(victim))
+        assert is_ready(cache, entry(recent)) and is_ready(cache, entry("c"))
         assert ids(cache) == {f"test/{recent}", "test/c"}
         assert cache.resident_bytes == 80
         assert fake.releases == 1
@@ -105,7 +106,7 @@ def test_model_in_use_is_never_evicted():
         async with cache.use(entry("a")) as a:
             with pytest.raises(Unavailable) as info:
                 await touch(cache, entry("b"))
-            assert cache.is_ready(entry("a"))
+            assert is_ready(cache, entry("a"))
             assert a.id == "test/a"
         assert info.value.status_code == 503
         assert int(info.value.headers["Retry-After"]) >= 1
@@ -127,7 +128,7 @@ def test_pinned_model_is_never_evicted():
         await cache.pin(entry("a"))  # least recently used from here on
         await touch(cache, entry("b"))
         await touch(cache, entry("c"))
-        assert cache.is_ready(entry("a"))
+        assert is_ready(cache, entry("a"))
         assert ids(cache) == {"test/a", "test/c"}
         (a,) = [d for d in cache.describe() if d["id"] == "test/a"]
         assert a["pinned"] is True and a["state"] == "ready"
@@ -147,7 +148,7 @@ def test_model_larger_than_budget_minus_pinned_is_422():
         assert info.value.status_code == 422
         assert info.value.field == "model_id"
         assert "test/big" in info.value.msg
-        assert cache.is_ready(entry("a"))
+        assert is_ready(cache, entry("a"))
         assert ids(cache) == {"test/a"}
         assert fake.loads["test/big"] == 0
 
@@ -174,7 +175,7 @@ def test_never_fitting_model_does_not_evict_idle_models():
         await touch(cache, entry("b"))
         with pytest.raises(FieldError):
             await touch(cache, entry("big"))
-        assert cache.is_ready(entry("b")), "idle b was evicted although big could never load"
+        assert is_ready(cache, entry("b")), "idle b was evicted although big could never load"
         assert fake.releases == 0
 
     asyncio.run(main())
@@ -189,7 +190,7 @@ def test_refused_load_does_not_evict_idle_models():
         async with cache.use(entry("busy")):
             with pytest.raises(Unavailable):
                 await touch(cache, entry("c"))
-            assert cache.is_ready(entry("idle")), "idle was evicted although c was refused"
+            assert is_ready(cache, entry("idle")), "idle was evicted although c was refused"
 
     asyncio.run(main())
 
@@ -276,7 +277,7 @@ def test_failed_load_reaches_every_waiter_and_is_retried_later():
         assert all("broken checkpoint" in str(r) for r in results)
         assert fake.loads["test/a"] == 1
         assert ids(cache) == {"test/ok"}
-        assert not cache.is_ready(entry("a"))
+        assert not is_ready(cache, entry("a"))
         assert cache.resident_bytes == 10
         # The next request tries again, and this time the checkpoint loads.
         fake.failing.clear()
@@ -384,7 +385,7 @@ def test_random_trace_keeps_invariants(seed):
                      for _ in range(rng.randint(1, 4))]
             await asyncio.gather(*batch)
             assert cache.resident_bytes <= budget
-            assert cache.is_ready(entry("pinned"))
+            assert is_ready(cache, entry("pinned"))
             assert all(d["in_flight"] == 0 for d in cache.describe())
             assert not violations, violations
             ready = {d["id"] for d in cache.describe() if d["state"] == "ready"}
@@ -538,7 +539,7 @@ def test_pinned_model_is_demoted_only_when_nothing_else_frees_enough_and_comes_b
         await asyncio.wait_for(task, 5)
         # Once idle and there is room, it comes back on its own.
         await eventually(lambda: tiers(cache)["pinned"] == "device")
-        assert cache.is_ready(entry("pinned"))
+        assert is_ready(cache, entry("pinned"))
         assert fake.loads["test/pinned"] == 1 and not fake.unloads["test/pinned"]
 
     asyncio.run(main())
@@ -557,7 +558,7 @@ def test_pinned_model_is_never_dropped():
         await cache.evict_idle()
         device.foreign = 60
         await cache.rebalance()
-        assert tiers(cache)["pinned"] == "device" and cache.is_ready(entry("pinned"))
+        assert tiers(cache)["pinned"] == "device" and is_ready(cache, entry("pinned"))
         assert not fake.unloads["test/pinned"]
 
     asyncio.run(main())
@@ -931,7 +932,7 @@ def test_pinned_model_whose_demotion_fails_stays_and_is_no_leak():
         await cache.pin(entry("pinned"))
         with pytest.raises(Unavailable):
             await run(cache, entry("a"), 60, deadline=time.monotonic() + 0.1)
-        assert tiers(cache)["pinned"] == "device" and cache.is_ready(entry("pinned"))
+        assert tiers(cache)["pinned"] == "device" and is_ready(cache, entry("pinned"))
         assert cache.leaked == 0 and cache.budget == 100
 
     asyncio.run(main())

@@ -11,6 +11,7 @@ import pytest
 import runner.executor
 from runner.errors import BadRequest, InferenceError, RunnerError, Unavailable
 from runner.executor import Executor
+from tests.support.helpers import run_in_lane
 
 
 def test_third_request_on_a_full_lane_is_refused_with_retry_after():
@@ -72,7 +73,7 @@ def test_run_limits_concurrency_and_runs_off_the_event_loop():
 
         async def one(i: int) -> int:
             async with executor.admit("p:m", 2) as lane:
-                return await executor.run(lane, work, i)
+                return await run_in_lane(executor, lane, work, i)
 
         tasks = [asyncio.ensure_future(one(i)) for i in range(4)]
         for _ in range(500):  # until both slots are busy
@@ -96,7 +97,7 @@ def run_failing(exc: BaseException) -> BaseException:
     async def main():
         executor = Executor(max_queue=1)
         async with executor.admit("p:m", 1) as lane:
-            await executor.run(lane, fail)
+            await run_in_lane(executor, lane, fail)
 
     with pytest.raises(BaseException) as info:
         asyncio.run(main())
@@ -149,7 +150,7 @@ def test_lane_records_service_time_and_retry_after_follows_it():
         executor = Executor(max_queue=1)
         async with executor.admit("p:m", 1) as lane:
             before = lane.mean_seconds
-            await executor.run(lane, slow)
+            await run_in_lane(executor, lane, slow)
             assert lane.mean_seconds != before
             lane.mean_seconds = 10.0
             assert lane.retry_after() == 10  # 10 s per request, 1 pending, 1 at a time
@@ -180,7 +181,7 @@ def test_out_of_memory_frees_and_retries_once_then_succeeds():
     async def main():
         executor = Executor(max_queue=1)
         async with executor.admit("m", 1) as lane:
-            return await executor.run(lane, flaky, on_oom=lambda: freed.append(1))
+            return await run_in_lane(executor, lane, flaky, on_oom=lambda: freed.append(1))
 
     assert anyio.run(main) == "ok"
     assert len(calls) == 2 and len(freed) == 1
@@ -204,7 +205,7 @@ def test_out_of_memory_twice_is_a_500():
     async def main():
         executor = Executor(max_queue=1)
         async with executor.admit("m", 1) as lane:
-            await executor.run(lane, always, on_oom=lambda: freed.append(1))
+            await run_in_lane(executor, lane, always, on_oom=lambda: freed.append(1))
 
     with pytest.raises(InferenceError, match="out of memory"):
         anyio.run(main)

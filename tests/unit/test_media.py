@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from runner.errors import BadRequest
-from runner.media import data_url, decode_data_url, decode_image, png_data_url
+from runner.media import data_url, decode_image, png_data_url
+from tests.support.helpers import decode_data_url
 
 LIMIT = 4096 * 4096
 
