@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from pipelines._tokens import byte_symbols
 from runner.context import RunContext
 from runner.device import Device
 from runner.errors import BadRequest
@@ -442,19 +443,11 @@ def _drop_adapter(pipe: Any, name: str) -> None:
 TINY_VOCAB = 523
 
 
-def _byte_alphabet() -> list[str]:
-    """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2/CLIP order)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-
-
 def tiny_tokenizer(pad_token: str = "<|endoftext|>") -> Any:
     """A CLIP BPE tokenizer over the byte alphabet plus a few merges, eos as the highest id."""
     from transformers import CLIPTokenizer
 
-    chars = _byte_alphabet()
+    chars = byte_symbols()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
     merges = ["t h", "th e</w>", "a n", "an d</w>", "c a", "ca t</w>"]

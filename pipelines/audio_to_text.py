@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from pipelines import _working_memory as wm
 from pipelines._fields import ModelId
+from pipelines._tokens import byte_symbols
 from runner.context import RunContext
 from runner.device import Device
 from runner.errors import BadRequest
@@ -199,15 +200,6 @@ SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|de|>", "<|tra
             "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
             "<|notimestamps|>"]
 TINY_MAX_LENGTH = 16
-
-
-def byte_symbols() -> list[str]:
-    """GPT-2's byte-to-symbol table (what byte-level BPE vocabularies are written in), in
-    byte order: printable bytes stand for themselves, the others map past U+0100."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
 def tiny_tokenizer() -> Any:

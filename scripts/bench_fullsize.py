@@ -266,7 +266,7 @@ def whisper_tokenizer() -> Any:
     from transformers import WhisperTokenizer
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
-    from pipelines.audio_to_text import byte_symbols
+    from pipelines._tokens import byte_symbols
 
     specials = ["<|endoftext|>", "<|startoftranscript|>", *(f"<|{c}|>" for c in LANGUAGES),
                 "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>",
