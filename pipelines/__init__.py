@@ -1,1 +1,2 @@
-"""One module per pipeline; modules starting with `_` are shared helpers, not pipelines."""
+"""One module (or package) per pipeline; modules starting with `_` are shared helpers, not
+pipelines."""

@@ -22,6 +22,7 @@ from runner.settings import Settings
 from tests.conftest import serving, wait_ready
 from tests.support import golivepeer
 from tests.support.contract import assert_valid
+from tests.support.helpers import daemon_vram
 from tests.support.ollama_double import REPLY, OllamaDouble, tokens
 
 DEFAULT = "meta-llama/Meta-Llama-3.1-8B-Instruct"
@@ -394,13 +395,13 @@ def test_ollama_memory_hooks(tmp_path_factory, monkeypatch, double):
     with ollama_app(tmp_path_factory, monkeypatch, double) as client:
         service = client.app.state.service
         backend = service.cache.resident(service.registry.default("llm"))
-        assert backend.size_vram() == double.size_vram == backend.daemon_vram()
+        assert backend.size_vram() == double.size_vram == daemon_vram(backend)
         client.post("/llm", json=chat(model="qwen2.5:7b"))
         assert backend.size_vram() == double.size_vram
-        assert backend.daemon_vram() == 2 * double.size_vram
+        assert daemon_vram(backend) == 2 * double.size_vram
         backend.unload()
         assert double.calls("/api/chat")[-1]["keep_alive"] == 0
-        assert backend.size_vram() == 0 and backend.daemon_vram() == double.size_vram
+        assert backend.size_vram() == 0 and daemon_vram(backend) == double.size_vram
 
 
 # -- a client that goes away ------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pkgutil
 import re
 import shlex
 import shutil
@@ -62,9 +63,10 @@ AI_MODEL_FIELDS = {"pipeline", "model_id", "url", "token", "warm", "capacity",
 
 
 def env_read_by_code() -> set[str]:
-    """Environment variables runner/ and pipelines/ read directly (os.environ)."""
+    """Environment variables runner/ and pipelines/ (their packages too) read directly
+    (os.environ)."""
     names = set()
-    for path in [*REPO_ROOT.glob("runner/*.py"), *REPO_ROOT.glob("pipelines/*.py")]:
+    for path in [*REPO_ROOT.glob("runner/*.py"), *REPO_ROOT.glob("pipelines/**/*.py")]:
         names |= set(re.findall(r"environ(?:\.get\(|\[|\.setdefault\()\s*[\"']([A-Z0-9_]+)[\"']",
                                 path.read_text()))
     return names
@@ -299,8 +301,8 @@ def test_the_dockerfile_has_the_five_family_images():
 
 
 def test_every_pipeline_module_is_served_by_exactly_one_image():
-    modules = sorted(p.stem for p in (REPO_ROOT / "pipelines").glob("*.py")
-                     if not p.stem.startswith("_"))
+    modules = sorted(m.name for m in pkgutil.iter_modules([str(REPO_ROOT / "pipelines")])
+                     if not m.name.startswith("_"))
     names = {MODULES[n].NAME for n in MODULES}
     assert len(names) == len(modules)
     count = Counter(p for img in IMAGES.values() for p in served(img))
