@@ -78,7 +78,6 @@ class TransformersSam2(Segmenter):
         return full.cpu().numpy(), scores.cpu().numpy(), low.cpu().numpy()
 
 
-
 def transformers_model(folder: Path, entry: ModelEntry, device: Device) -> Any:
     from transformers import Sam2Config, Sam2Model
     from transformers.utils import logging as transformers_logging
