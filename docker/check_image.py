@@ -57,7 +57,7 @@ def main() -> int:
     import torch
     from packaging.requirements import Requirement
 
-    from runner.pipeline import discover, missing_requirements
+    from runner.spec import discover, missing_requirements
 
     errors = []
     want = pinned(args.constraints, "torch")

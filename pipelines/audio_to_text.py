@@ -37,6 +37,7 @@ from runner.media import decode_audio
 from runner.options import Options as BaseOptions
 from runner.protocol import Upload
 from runner.registry import ModelEntry
+from runner.sample import Sample, Scale, Speech
 
 NAME = "audio-to-text"
 REQUIRES = ("transformers>=4.56", "av")
@@ -261,3 +262,10 @@ def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
 def working_memory(entry: ModelEntry, request: Any, float_bytes: int) -> int:
     """Whisper's working memory follows its fixed 30 s window, times the windows in a batch."""
     return wm.fixed(384, float_bytes, Options.of(entry).batch_size)
+
+
+def sample_request(scale: Scale) -> Sample:
+    """A transcript with segment timestamps of `scale.audio_seconds` of speech-like audio."""
+    return Sample({"model_id": scale.model, "return_timestamps": "true"},
+                  uploads={"audio": Speech(scale.audio_seconds)},
+                  params={"seconds": scale.audio_seconds})

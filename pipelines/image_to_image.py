@@ -31,6 +31,7 @@ from runner.hub import ModelFiles
 from runner.media import decode_image
 from runner.protocol import ImageResponse, Upload
 from runner.registry import ModelEntry
+from runner.sample import NoiseImage, Sample, Scale
 
 NAME = "image-to-image"
 REQUIRES = ("diffusers", "transformers")
@@ -118,3 +119,11 @@ def working_memory(entry: ModelEntry, request: ImageToImageParams, float_bytes: 
 
 def largest_fitting(entry: ModelEntry, request: ImageToImageParams, fraction: float) -> str:
     return wm.square_hint(*output_size(entry, request), fraction, "input images")
+
+
+def sample_request(scale: Scale) -> Sample:
+    """An edit of a noise image of the scale's size (unset: 512x512)."""
+    side = (scale.size, scale.size) if scale.size else (512, 512)
+    return Sample({"prompt": "make it snowy", "seed": 1, "model_id": scale.model,
+                   "num_inference_steps": scale.steps, "num_images_per_prompt": scale.images},
+                  uploads={"image": NoiseImage(*side)}, params={"image_size": side})

@@ -44,6 +44,7 @@ from runner.media import decode_image
 from runner.options import Options as BaseOptions
 from runner.protocol import Upload
 from runner.registry import ModelEntry
+from runner.sample import NoiseImage, Sample, Scale
 
 NAME = "image-to-text"
 REQUIRES = ("transformers>=4.56",)
@@ -356,3 +357,10 @@ def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
 def working_memory(entry: ModelEntry, request: Any, float_bytes: int) -> int:
     """One image at BLIP's fixed input size; batched requests each reserve their own."""
     return wm.fixed(128, float_bytes)
+
+
+def sample_request(scale: Scale) -> Sample:
+    """A caption of a noise image of the scale's size (unset: BLIP's 384x384)."""
+    side = (scale.size, scale.size) if scale.size else (384, 384)
+    return Sample({"model_id": scale.model}, uploads={"image": NoiseImage(*side)},
+                  params={"image_size": side})

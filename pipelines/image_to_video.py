@@ -27,6 +27,7 @@ from runner.media import data_url, decode_image
 from runner.options import Options as BaseOptions
 from runner.protocol import Media, Upload
 from runner.registry import ModelEntry
+from runner.sample import NoiseImage, Sample, Scale
 
 NAME = "image-to-video"
 REQUIRES = ("diffusers", "transformers", "av")
@@ -234,3 +235,11 @@ def working_memory(entry: ModelEntry, request: ImageToVideoParams, float_bytes: 
 
 def largest_fitting(entry: ModelEntry, request: ImageToVideoParams, fraction: float) -> str:
     return wm.square_hint(*frame_size(request), fraction, "frames")
+
+
+def sample_request(scale: Scale) -> Sample:
+    """A clip from a noise image of the scale's size (unset: SVD's own 1024x576)."""
+    side = (scale.size, scale.size) if scale.size else (1024, 576)
+    sized = {"width": side[0], "height": side[1]} if scale.size else {}
+    return Sample({"seed": 1, "model_id": scale.model, "num_inference_steps": scale.steps,
+                   **sized}, uploads={"image": NoiseImage(*side)}, params={"image_size": side})

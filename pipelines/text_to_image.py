@@ -28,6 +28,7 @@ from runner.device import Device
 from runner.hub import ModelFiles
 from runner.protocol import ImageResponse
 from runner.registry import ModelEntry
+from runner.sample import Sample, Scale
 
 NAME = "text-to-image"
 REQUIRES = ("diffusers", "transformers")
@@ -91,3 +92,10 @@ def working_memory(entry: ModelEntry, request: TextToImageParams, float_bytes: i
 
 def largest_fitting(entry: ModelEntry, request: TextToImageParams, fraction: float) -> str:
     return wm.square_hint(*image_size(entry, request), fraction)
+
+
+def sample_request(scale: Scale) -> Sample:
+    """A prompt at the scale's size (unset: the model's default size and steps)."""
+    return Sample({"prompt": "a photo of a cat on a sofa", "seed": 1, "model_id": scale.model,
+                   "num_images_per_prompt": scale.images, "width": scale.size,
+                   "height": scale.size, "num_inference_steps": scale.steps})

@@ -39,6 +39,7 @@ from runner.hub import ModelFiles, writing_snapshot
 from runner.media import wav_data_url
 from runner.options import Options as BaseOptions
 from runner.registry import ModelEntry
+from runner.sample import Sample, Scale
 
 if TYPE_CHECKING:
     import numpy as np
@@ -345,3 +346,10 @@ def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
 def working_memory(entry: ModelEntry, request: Any, float_bytes: int) -> int:
     """One chunk of text at a time; the audio codes of ~30 s dominate."""
     return wm.fixed(512, float_bytes)
+
+
+def sample_request(scale: Scale) -> Sample:
+    """One sentence in a described voice."""
+    return Sample({"text": "The quick brown fox jumps over the lazy dog.",
+                   "description": "A female speaker talks quickly in a quiet room with very "
+                                  "clear audio.", "model_id": scale.model})

@@ -31,6 +31,7 @@ from runner.hub import ModelFiles, writing_snapshot
 from runner.media import decode_image
 from runner.protocol import ImageResponse, Upload
 from runner.registry import ModelEntry
+from runner.sample import NoiseImage, Sample, Scale
 
 NAME = "upscale"
 REQUIRES = ("diffusers", "transformers")
@@ -183,3 +184,11 @@ def working_memory(entry: ModelEntry, request: UpscaleParams, float_bytes: int) 
 def largest_fitting(entry: ModelEntry, request: UpscaleParams, fraction: float) -> str:
     return wm.square_hint(*wm.upload_size(request.image, input_cap(entry)), fraction,
                           "input images")
+
+
+def sample_request(scale: Scale) -> Sample:
+    """A noise image of the scale's size (unset: 512x512), four times larger out."""
+    side = (scale.size, scale.size) if scale.size else (512, 512)
+    return Sample({"prompt": "a photo of a cat on a sofa", "seed": 1, "model_id": scale.model,
+                   "num_inference_steps": scale.steps},
+                  uploads={"image": NoiseImage(*side)}, params={"image_size": side})

@@ -8,8 +8,9 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -22,7 +23,17 @@ if TYPE_CHECKING:
 
 class Server(uvicorn.Server):
     """uvicorn re-raises SIGTERM after a graceful shutdown, so the process dies by the signal;
-    container orchestrators read that as a crash. Here a graceful shutdown exits 0."""
+    container orchestrators read that as a crash. Here a graceful shutdown exits 0, and the
+    app begins draining (app.state.begin_drain) the moment the signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None] | None = None):
+        super().__init__(config)
+        self.on_signal = on_signal
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.on_signal is not None and not self.should_exit:
+            self.on_signal()
+        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -55,10 +66,15 @@ def refuse_to_start(problems: dict[str, list[str]], model_dir: Path) -> int:
     return EXIT_MISSING_MODELS
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from runner.settings import Settings
 
+    args = sys.argv[1:] if argv is None else argv
     settings = Settings()
+    if args == ["live-config"]:
+        sys.exit(print_live_config(settings))
+    if args:
+        sys.exit(f"usage: python -m runner [live-config]; got {' '.join(args)}")
     logging.basicConfig(
         level=logging.DEBUG if settings.verbose_logging else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -75,7 +91,27 @@ def main() -> None:
     app = create_app(settings)
     if problems := app.state.service.file_problems():
         sys.exit(refuse_to_start(problems, app.state.service.model_dir))
-    Server(server_config(app, settings)).run()
+    Server(server_config(app, settings), on_signal=lambda: begin_drain(app)).run()
+
+
+def begin_drain(app: FastAPI) -> None:
+    """What SIGTERM starts before uvicorn waits for in-flight requests (app.py's drainer),
+    once the lifespan has set it up."""
+    begin = getattr(app.state, "begin_drain", None)
+    if begin is not None:
+        begin()
+
+
+def print_live_config(settings: Settings) -> int:
+    """The static `-liveRunnerConfig` entries for these settings, for an operator without
+    dynamic registration to paste into go-livepeer's runners.json."""
+    import json
+
+    from runner.app import build_service
+    from runner.live import static_config
+
+    print(json.dumps(static_config(settings, build_service(settings)), indent=2))
+    return 0
 
 
 def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:

@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from prometheus_client import make_asgi_app
 
-from runner import __version__, errors, routes
+from runner import __version__, errors, live, routes
 from runner.middleware import BodyLimit, InFlight, JsonBodies
-from runner.pipeline import billed_defaults, check_defaults, discover
 from runner.registry import Registry
 from runner.service import Service
 from runner.settings import Settings
+from runner.spec import PipelineSpec, check_defaults, discover, read
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,14 @@ def build_service(settings: Settings,
                              "libraries are not installed); see the README for its environment")
         raise ValueError(f"PIPELINE names unknown pipelines {unknown}; "
                          f"available: {', '.join(sorted(available))}")
-    served = {n: available[n] for n in names}
+    served = {n: read(available[n]) for n in names}
     registry = Registry.load(settings.models_file, _model_id_defaults(settings, served))
     missing = [n for n in served if n not in registry.pipelines]
     if missing:
         raise ValueError(f"{settings.models_file} lists no models for {missing}")
     if settings.billed_defaults:
-        for name, module in served.items():
-            if billed := billed_defaults(module):
+        for name, spec in served.items():
+            if billed := spec.billed_defaults:
                 registry.override_defaults(name, billed)
                 log.info("%s: unset %s take what go-livepeer bills for them, %s "
                          "(BILLED_DEFAULTS=false: each model's own)", name, ", ".join(billed),
@@ -49,7 +49,7 @@ def build_service(settings: Settings,
     return Service(settings, registry, served)
 
 
-def _model_id_defaults(settings: Settings, served: dict) -> dict[str, str]:
+def _model_id_defaults(settings: Settings, served: dict[str, PipelineSpec]) -> dict[str, str]:
     """MODEL_ID picks the default model of a single-pipeline runner, as go-livepeer sets it."""
     if not settings.model_id:
         return {}
@@ -63,12 +63,19 @@ def create_app(settings: Settings | None = None,
     settings = settings or Settings()
     service = build_service(settings, modules)
 
+    registrar = live.registrar(settings, service)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Uvicorn binds the port only after startup returns, so loading runs in the background.
-        warm_up = asyncio.create_task(service.warm_up())
+        background = [asyncio.create_task(service.warm_up())]
+        if registrar is not None:
+            background.append(asyncio.create_task(registrar.run()))
+        app.state.begin_drain = drainer(service)
         yield
-        warm_up.cancel()
+        await service.drain()  # where no SIGTERM began it (a test client, an embedding app)
+        for task in background:
+            task.cancel()
         await service.close()
 
     app = FastAPI(title="Livepeer AI Runner", description="An application to run AI pipelines",
@@ -81,8 +88,23 @@ def create_app(settings: Settings | None = None,
                        decodable=app.state.decodable,
                        stall_seconds=settings.body_stall_seconds)
     app.add_middleware(InFlight, count=service.in_flight)
+    if registrar is not None:
+        app.add_middleware(live.LiveSessions, sessions=registrar.sessions)
     routes.install(app, service, settings)
     app.mount("/metrics", make_asgi_app())
-    log.info("serving %s in %s mode from %s", ", ".join(service.modules), service.mode,
+    log.info("serving %s in %s mode from %s", ", ".join(service.specs), service.mode,
              service.model_dir)
     return app
+
+
+def drainer(service: Service) -> Callable[[], None]:
+    """What the process's SIGTERM handler calls (runner/__main__.py): begin draining on the
+    event loop at once, before uvicorn waits for in-flight requests, so /ready says 503 and
+    the Live Runner registrations are withdrawn while they finish."""
+    loop = asyncio.get_running_loop()
+    started: list[asyncio.Task] = []
+
+    def begin() -> None:
+        loop.call_soon_threadsafe(lambda: started.append(loop.create_task(service.drain())))
+
+    return begin

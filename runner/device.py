@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from runner.footprint import walk
+
 log = logging.getLogger(__name__)
 
 
@@ -111,18 +113,6 @@ def move_model(model: Any, target: Any) -> None:
     pipeline's components, a wrapper's model): the cache's demotion to CPU RAM and back."""
     import torch
 
-    from runner.footprint import walk
-
     for obj in walk(model):
         if isinstance(obj, torch.nn.Module):
             obj.to(target)
-
-
-def held_elsewhere(model: Any) -> bool:
-    """A model another process holds for us (an Ollama daemon's) reports `resident_bytes()`."""
-    return callable(getattr(model, "resident_bytes", None))
-
-
-def movable(model: Any) -> bool:
-    """In-process models can change tier; one a daemon holds cannot."""
-    return model is not None and not held_elsewhere(model)

@@ -23,6 +23,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from runner.protocol import HTTPError
+
 log = logging.getLogger(__name__)
 
 
@@ -95,6 +97,26 @@ class FieldError(RunnerError):
         super().__init__(msg)
         self.field = field
         self.type = type_
+
+
+# The error responses a route can document, by status (the OpenAPI schema's `responses`).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": HTTPError, "description": "Bad Request"},
+    401: {"model": HTTPError, "description": "Unauthorized"},
+    413: {"model": HTTPError, "description": "Payload Too Large"},
+    415: {"model": HTTPError, "description": "Unsupported Media Type"},
+    500: {"model": HTTPError, "description": "Internal Server Error"},
+    503: {"model": HTTPError, "description": "Service Unavailable"},
+}
+
+
+def documented(statuses: tuple[int, ...], error_statuses: str
+               ) -> dict[int | str, dict[str, Any]]:
+    """What a generate route whose client decodes `statuses` documents it answers; every HTTP
+    status where ERROR_STATUSES=http."""
+    if error_statuses == "http":
+        return ERROR_RESPONSES
+    return {s: ERROR_RESPONSES[s] for s in statuses if s in ERROR_RESPONSES}
 
 
 # What go-livepeer itself answers when no runner can take a job; its gateways retry elsewhere.

@@ -7,6 +7,7 @@ service times, instead of piling up until go-livepeer's timeouts fire.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -73,6 +74,15 @@ class Executor:
             lane.pending -= 1
             metrics.QUEUE_DEPTH.labels(key).set(lane.pending)
 
+    def room(self, key: str, concurrency: int, idle: bool = False) -> int:
+        """Requests `admit` would take now for lane `key` (`idle`: with nothing in hand)."""
+        lane = self._lanes.get(key)
+        pending = 0 if idle or lane is None else lane.pending
+        free = concurrency + self.max_queue - pending
+        if self.max_total is not None:
+            free = min(free, self.max_total - (0 if idle else self.pending))
+        return max(0, free)
+
     def _retry_after(self) -> int:
         busy = [lane.retry_after() for lane in self._lanes.values() if lane.pending]
         return min(busy, default=1)
@@ -96,22 +106,20 @@ class Executor:
             lane.limiter.release()
             lane.record(time.monotonic() - started)
 
-    async def run_async(self, lane: Lane, fn: Callable[..., Any], *args: Any,
-                        deadline: float | None = None) -> Any:
-        """Await a coroutine pipeline (one that waits on a daemon rather than computing) under
-        the same lane limits and error mapping."""
-        async with self.turn(lane, deadline):
-            try:
-                return await fn(*args)
-            except Exception as exc:
-                raise as_runner_error(exc) from exc
-
     async def call(self, fn: Callable[..., T], *args: Any,
                    on_oom: Callable[[], Awaitable[Any] | Any] | None = None) -> T:
-        """Run `fn` in a worker thread. A CUDA OOM awaits `on_oom` (free memory, evict idle
-        models) and retries once; a second OOM, like any model failure, is a 500."""
+        """Run `fn` in a worker thread, with `retrying`'s OOM handling."""
+        return await self.retrying(functools.partial(self.in_thread, fn, *args), on_oom)
+
+    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._threads)
+
+    async def retrying(self, attempt: Callable[[], Awaitable[T]],
+                       on_oom: Callable[[], Awaitable[Any] | Any] | None = None) -> T:
+        """Await `attempt()`. A CUDA OOM awaits `on_oom` (free memory, evict idle models) and
+        tries once more; a second OOM, like any model failure, is a 500."""
         try:
-            return await anyio.to_thread.run_sync(fn, *args, limiter=self._threads)
+            return await attempt()
         except RunnerError:
             raise
         except Exception as exc:
@@ -119,7 +127,7 @@ class Executor:
                 log.warning("out of memory; evicting idle models and retrying once")
                 if inspect.isawaitable(freed := on_oom()):
                     await freed
-                return await self.call(fn, *args)
+                return await self.retrying(attempt)
             raise as_inference_error(exc) from exc
 
 

@@ -4,12 +4,13 @@ read), measured from the loaded modules after."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
 from runner.checkpoints import safetensors_header
+from runner.handle import held_elsewhere
 from runner.hub import ModelFiles
 from runner.registry import ModelEntry
 
@@ -89,6 +90,7 @@ def walk(model: Any, depth: int = 4) -> Iterator[Any]:
         if isinstance(obj, (torch.Tensor, torch.nn.Module)):
             yield obj
             return
+        children: Iterable[Any]
         if isinstance(obj, dict):
             children = obj.values()
         elif isinstance(obj, (list, tuple)):
@@ -105,8 +107,6 @@ def measure(model: Any) -> int:
     """Bytes of the tensors reachable from `model`, each tensor counted once. A model held by
     another process (an Ollama daemon) reports its own `resident_bytes()`."""
     import torch
-
-    from runner.device import held_elsewhere
 
     if held_elsewhere(model):
         return int(model.resident_bytes())

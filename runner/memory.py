@@ -7,7 +7,7 @@ the budget there is what settings say. Tests pass their own fake with the same t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -25,6 +25,10 @@ class Memory(Protocol):
         """Run `fn` and return its result with the peak bytes it allocated beyond what was
         allocated when it started (None when unknown)."""
 
+    async def measured_async(self, fn: Callable[..., Awaitable[T]], *args: Any
+                             ) -> tuple[T, int | None]:
+        """`measured` for a coroutine function: awaited on the event loop."""
+
 
 class HostMemory:
     def others(self) -> int:
@@ -35,6 +39,10 @@ class HostMemory:
 
     def measured(self, fn: Callable[..., T], *args: Any) -> tuple[T, int | None]:
         return fn(*args), None
+
+    async def measured_async(self, fn: Callable[..., Awaitable[T]], *args: Any
+                             ) -> tuple[T, int | None]:
+        return await fn(*args), None
 
 
 class CudaMemory:
@@ -66,4 +74,15 @@ class CudaMemory:
         torch.cuda.reset_peak_memory_stats(self.index)
         start = torch.cuda.memory_allocated(self.index)
         result = fn(*args)
+        return result, max(0, torch.cuda.max_memory_allocated(self.index) - start)
+
+    async def measured_async(self, fn: Callable[..., Awaitable[T]], *args: Any
+                             ) -> tuple[T, int | None]:
+        """The peak is the device's over the await, other runs' included; the cache marks a
+        reservation that overlapped others as shared and does not learn from it."""
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(self.index)
+        start = torch.cuda.memory_allocated(self.index)
+        result = await fn(*args)
         return result, max(0, torch.cuda.max_memory_allocated(self.index) - start)

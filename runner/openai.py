@@ -1,5 +1,6 @@
 """The OpenAI chat API (`POST /v1/chat/completions`, `GET /v1/models`) over a chat pipeline
-module (one that sets OPENAI_CHAT), so the official `openai` client works unchanged.
+(one that sets OPENAI_CHAT and speaks the contract's LLMRequest/LLMResponse of
+runner/protocol.py), so the official `openai` client works unchanged.
 
 Protocol (the OpenAI wire types), serving (conversion to and from the module's own request
 and chunks) and router are kept apart, as in vLLM; generation itself is the module's, reached
@@ -8,16 +9,18 @@ through the same service, lanes, cache and errors as its contract route.
 
 import json
 import time
-import types
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import APIRouter, Depends
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from runner.errors import RunnerError
+from runner.errors import ERROR_RESPONSES, RunnerError
+from runner.protocol import LLMRequest, LLMResponse
 from runner.service import Service
+from runner.spec import PipelineSpec
+from runner.streaming import stream_events
 
 # Keep-alive comments on OpenAI streams, for proxies that close quiet connections; the
 # contract's /llm sends none (go-livepeer logs them as decode errors).
@@ -126,28 +129,31 @@ class ModelList(BaseModel):
 # -- serving -------------------------------------------------------------------------------
 
 
-def to_module_request(module: types.ModuleType, request: ChatCompletionRequest) -> BaseModel:
-    """The chat module's own request; its validation errors are this route's 422s."""
+def to_llm_request(spec: PipelineSpec, request: ChatCompletionRequest) -> LLMRequest:
+    """The chat pipeline's own request; its validation errors are this route's 422s."""
     fields = {
         "messages": [{"role": m.role, "content": m.text()} for m in request.messages],
         "model": request.model, "temperature": request.temperature, "top_p": request.top_p,
         "max_tokens": request.max_completion_tokens or request.max_tokens,
         "stop": request.stop, "seed": request.seed, "stream": request.stream,
     }
-    accepted = module.Request.model_fields
+    accepted = spec.request.model_fields
     try:
-        return module.Request.model_validate(
+        inner = spec.request.model_validate(
             {k: v for k, v in fields.items() if v is not None and k in accepted})
     except ValidationError as exc:
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from exc
+    assert isinstance(inner, LLMRequest)  # router() serves only pipelines whose request is one
+    return inner
 
 
-def completion(response: Any, model: str) -> ChatCompletion:
+def completion(response: LLMResponse, model: str) -> ChatCompletion:
     choice = response.choices[0]
+    content = choice.message.content if choice.message else ""
     return ChatCompletion(
         id=response.id, created=response.created, model=model,
-        choices=[Choice(message=AssistantMessage(content=choice.message.content),
+        choices=[Choice(message=AssistantMessage(content=content),
                         finish_reason=choice.finish_reason or "stop")],
         usage=Usage(**response.usage.model_dump()))
 
@@ -159,11 +165,11 @@ def stream_error(_: ChatCompletionChunk, exc: RunnerError) -> str:
 
 
 def chunk_adapter(model: str, include_usage: bool
-                  ) -> Callable[[AsyncIterator[Any]], AsyncIterator[ChatCompletionChunk]]:
+                  ) -> Callable[[AsyncIterator[LLMResponse]], AsyncIterator[ChatCompletionChunk]]:
     """The module's chunks as OpenAI chunks: the role on the first, the finish reason on the
     last, and usage in a final choice-less chunk when the client asked for it."""
 
-    async def adapt(chunks: AsyncIterator[Any]) -> AsyncIterator[ChatCompletionChunk]:
+    async def adapt(chunks: AsyncIterator[LLMResponse]) -> AsyncIterator[ChatCompletionChunk]:
         first, last = True, None
         async for chunk in chunks:
             last = chunk
@@ -184,28 +190,31 @@ def chunk_adapter(model: str, include_usage: bool
 # -- router --------------------------------------------------------------------------------
 
 
-def router(service: Service, module: types.ModuleType, auth: Callable) -> APIRouter:
-    from runner.routes import ERROR_RESPONSES, stream_events
-
+def router(service: Service, spec: PipelineSpec, auth: Callable) -> APIRouter:
+    if not (issubclass(spec.request, LLMRequest) and issubclass(spec.response, LLMResponse)):
+        raise TypeError(f"{spec.name} sets OPENAI_CHAT but does not speak runner.protocol's "
+                        "LLMRequest and LLMResponse")
     api = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(auth)])
 
     @api.post("/chat/completions", response_model=ChatCompletion, responses=ERROR_RESPONSES,
               operation_id="createChatCompletion", summary="Chat completion (OpenAI API)")
     async def chat_completions(request: ChatCompletionRequest):
-        inner = to_module_request(module, request)
-        model = request.model or service.registry.default(module.NAME).id
+        inner = to_llm_request(spec, request)
+        model = request.model or service.registry.default(spec.name).id
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return await stream_events(service, module, inner,
+            return await stream_events(service, spec, inner,
                                        adapt=chunk_adapter(model, include_usage),
                                        failed=stream_error, ping=PING_SECONDS)
-        return completion(await service.generate(module, inner), model)
+        answer = await service.generate(spec, inner)
+        assert isinstance(answer, LLMResponse)
+        return completion(answer, model)
 
     @api.get("/models", response_model=ModelList, operation_id="listModels",
              summary="Models (OpenAI API)")
     async def models() -> ModelList:
         created = int(time.time())
         return ModelList(data=[ModelCard(id=entry.id, created=created)
-                               for entry in service.registry.entries(module.NAME)])
+                               for entry in service.registry.entries(spec.name)])
 
     return api

@@ -43,6 +43,14 @@ class HealthCheck(BaseModel):
     )
 
 
+class Readiness(BaseModel):
+    """GET /ready: 200 while serving, 503 while loading, failing or draining (SIGTERM), for
+    health checks that read only the status code (go-livepeer's static Live Runners)."""
+
+    ready: bool
+    status: Literal["LOADING", "OK", "ERROR", "IDLE", "DRAINING"]
+
+
 class Version(BaseModel):
     pipeline: str
     model_id: str
@@ -105,6 +113,52 @@ class LLMMessage(BaseModel):
         except UnicodeEncodeError:
             raise ValueError("content must be Unicode text (it holds a lone surrogate)") from None
         return value
+
+
+# The contract's /llm request. A pipeline may subclass it to say how `model` names a
+# models.yaml entry (`model_id`). No docstring: it would show in the schema.
+class LLMRequest(BaseModel):
+
+    messages: list[LLMMessage] = Field(
+        min_length=1, description="The conversation so far, oldest first.")
+    model: str = Field("", description="Model id from models.yaml, or an Ollama tag "
+                       "('llama3.1:8b'); '' = the runner's default model.")
+    temperature: float | None = Field(
+        None, ge=0, le=2, description="Sampling temperature, 0 = greedy; default: the model's.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Most tokens to generate; default: the model's.")
+    top_p: float | None = Field(
+        None, ge=0, le=1, description="Nucleus sampling mass; default: the model's.")
+    top_k: int | None = Field(
+        None, ge=-1, description="Sample among the k likeliest tokens; -1 = no limit.")
+    stream: bool = Field(False, description="Send server-sent events, one per text delta.")
+    stop: str | list[str] | None = Field(
+        None, description="Text (or up to 16 texts) that ends the answer; not included in it.")
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="Seed for sampling, for repeatable answers.")
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("top_k must be -1 (no limit) or at least 1")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        texts = [value] if isinstance(value, str) else value or []
+        if len(texts) > 16 or any(not text for text in texts):
+            raise ValueError("stop takes at most 16 non-empty texts")
+        return value
+
+    @property
+    def model_id(self) -> str:
+        """The models.yaml id the request names ("" = the default model)."""
+        return self.model
+
+    def stop_texts(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 class LLMTokenUsage(BaseModel):

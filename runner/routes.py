@@ -6,11 +6,8 @@ annotations at definition time, and they name per-module classes.
 
 import asyncio
 import hmac
-import inspect
 import logging
-import types
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Response, Security
@@ -19,33 +16,24 @@ from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request as HTTPRequest
 
-from runner import hardware, metrics
+from runner import errors, hardware, metrics, openai
 from runner.errors import ClientClosed, FieldError, RunnerError, Unauthorized, Unavailable
-from runner.executor import as_runner_error
-from runner.pipeline import error_statuses, is_multipart, operation_id, summary
 from runner.protocol import (
     HardwareInformation,
     HardwareStats,
     HealthCheck,
-    HTTPError,
-    StreamChunk,
+    Readiness,
     Version,
 )
 from runner.service import Service
 from runner.settings import Settings
+from runner.spec import PipelineSpec
+from runner.streaming import stream_events
 
 log = logging.getLogger(__name__)
 FORM_FIELD_BYTES = 8 << 20
 DISCONNECT_POLL_SECONDS = 0.25
 T = TypeVar("T")
-ERROR_RESPONSES = {
-    400: {"model": HTTPError, "description": "Bad Request"},
-    401: {"model": HTTPError, "description": "Unauthorized"},
-    413: {"model": HTTPError, "description": "Payload Too Large"},
-    415: {"model": HTTPError, "description": "Unsupported Media Type"},
-    500: {"model": HTTPError, "description": "Internal Server Error"},
-    503: {"model": HTTPError, "description": "Service Unavailable"},
-}
 
 
 def bearer_auth(token: str):
@@ -66,8 +54,8 @@ def decodable(service: Service, settings: Settings) -> dict[str, frozenset[int]]
     decodes on it; empty when ERROR_STATUSES=http (errors.for_client leaves them alone)."""
     if settings.error_statuses == "http":
         return {}
-    return {path: frozenset({200, *error_statuses(module)})
-            for module in service.modules.values() for path in with_slash(f"/{module.NAME}")}
+    return {path: frozenset({200, *spec.error_statuses})
+            for spec in service.specs.values() for path in with_slash(f"/{spec.name}")}
 
 
 def with_slash(path: str) -> tuple[str, str]:
@@ -84,20 +72,14 @@ def add_route(router: APIRouter, path: str, endpoint: Callable, operation: str,
                          include_in_schema=False, **options)
 
 
-def error_responses(module: types.ModuleType, settings: Settings) -> dict:
-    """The error statuses a generate route documents: what it can answer with."""
-    if settings.error_statuses == "http":
-        return ERROR_RESPONSES
-    return {s: ERROR_RESPONSES[s] for s in error_statuses(module) if s in ERROR_RESPONSES}
-
-
 def generate_router(service: Service, settings: Settings) -> APIRouter:
     # Form fields may carry JSON arrays (SAM2's 1x256x256 mask_input is ~1.5 MB as Go writes
     # it), past Starlette's 1 MiB default per field; the body cap still bounds the total.
     router = APIRouter(tags=["generate"], dependencies=[Depends(bearer_auth(settings.auth_token))],
                        form_limits={"max_part_size": FORM_FIELD_BYTES})
-    for module in service.modules.values():
-        add_generate_route(router, module, service, error_responses(module, settings))
+    for spec in service.specs.values():
+        add_generate_route(router, spec, service,
+                           errors.documented(spec.error_statuses, settings.error_statuses))
     return router
 
 
@@ -126,101 +108,50 @@ async def until_disconnect(http: HTTPRequest, work: Awaitable[T]) -> T:
         watcher.cancel()
 
 
-def add_generate_route(router: APIRouter, module: types.ModuleType, service: Service,
+def add_generate_route(router: APIRouter, spec: PipelineSpec, service: Service,
                        responses: dict) -> None:
-    Request = module.Request
+    Request = spec.request
 
     async def respond(request: BaseModel, response: Response, http: HTTPRequest):
+        result: BaseModel | EventSourceResponse
         try:
-            if getattr(request, "stream", False) and hasattr(module, "stream"):
-                result = await stream_events(service, module, request)
+            if spec.wants_stream(request):
+                result = await stream_events(service, spec, request)
             else:
                 timings: dict[str, float] = {}
-                result = await until_disconnect(http, service.generate(module, request,
+                result = await until_disconnect(http, service.generate(spec, request,
                                                                        timings))
                 response.headers["Server-Timing"] = server_timing(timings)
         except RunnerError as exc:
-            metrics.REQUESTS.labels(module.NAME, str(exc.status_code)).inc()
+            metrics.REQUESTS.labels(spec.name, str(exc.status_code)).inc()
             raise
         except Exception:
-            metrics.REQUESTS.labels(module.NAME, "500").inc()
+            metrics.REQUESTS.labels(spec.name, "500").inc()
             raise
-        metrics.REQUESTS.labels(module.NAME, "200").inc()
+        metrics.REQUESTS.labels(spec.name, "200").inc()
         return result
 
-    if is_multipart(Request):
-        async def endpoint(request: Annotated[Request, Form(media_type="multipart/form-data")],
+    if spec.multipart:
+        # The request type is the pipeline's, known only here: FastAPI reads it at run time.
+        async def endpoint(request: Annotated[Request, Form(  # type: ignore[valid-type]
+                               media_type="multipart/form-data")],
                            response: Response, http: HTTPRequest) -> BaseModel:
             return await respond(request, response, http)
     else:
-        async def endpoint(request: Request, response: Response,
+        async def endpoint(request: Request, response: Response,  # type: ignore[valid-type]
                            http: HTTPRequest) -> BaseModel:
             return await respond(request, response, http)
 
     options = dict(
-        methods=["POST"], response_model=module.Response, responses=responses,
-        summary=summary(module), description=inspect.getdoc(module).split("\n\n")[0],
+        methods=["POST"], response_model=spec.response, responses=responses,
+        summary=spec.summary, description=spec.doc.split("\n\n")[0],
     )
-    add_route(router, f"/{module.NAME}", endpoint, operation_id(module), **options)
-
-
-def failure_chunk(last: StreamChunk, exc: RunnerError) -> str:
-    """The contract's way to end a failed stream: go-livepeer reads Choices[0] of every chunk
-    (a chunk without one panics it), so no bare error object, but a last chunk with
-    finish_reason "error"; the reason is in the runner's log."""
-    return last.failure().model_dump_json(exclude_none=True)
-
-
-async def stream_events(service: Service, module: types.ModuleType, request: BaseModel,
-                        adapt: Callable[[AsyncIterator[BaseModel]], AsyncIterator[BaseModel]]
-                        | None = None,
-                        failed: Callable[[Any, RunnerError], str] = failure_chunk,
-                        ping: float = 0) -> EventSourceResponse:
-    """Server-sent events: `data: <chunk json>` per chunk, then `data: [DONE]`. The session is
-    opened first, so unknown models, full queues and the like keep their status codes; an
-    error after the first chunk is sent as the event `failed` makes of the last chunk. A
-    client that goes away cancels the generator, which stops the backend and frees the lane.
-    `adapt` rewrites the module's chunks into another wire format (the OpenAI layer's). No
-    `: ping` comments unless asked for (`ping` seconds): go-livepeer logs every line that is
-    not `data: ...` as a decode error."""
-    stack = AsyncExitStack()
-    session = await stack.enter_async_context(service.session(module, request))
-    chunks = service.stream(module, session)
-    chunks = adapt(chunks) if adapt else chunks
-    try:  # a stream that fails before its first chunk still gets its own status code
-        first = await anext(chunks, None)
-    except Exception as exc:
-        await stack.aclose()
-        error = as_runner_error(exc)
-        if error is exc:
-            raise
-        raise error from exc
-    except BaseException:
-        await stack.aclose()
-        raise
-
-    async def events():
-        last = first
-        try:
-            if first is not None:
-                yield {"data": first.model_dump_json(exclude_none=True)}
-                async for last in chunks:
-                    yield {"data": last.model_dump_json(exclude_none=True)}
-        except Exception as exc:  # the stream has started: end it in-band, log why
-            error = as_runner_error(exc)
-            log.error("stream of %s failed after it started: %s", module.NAME, error.msg,
-                      exc_info=exc if error is not exc else None)
-            yield {"data": failed(last, error)}
-        finally:
-            await stack.aclose()
-        yield {"data": "[DONE]"}
-
-    return EventSourceResponse(events(), sep="\n", ping=ping)
+    add_route(router, f"/{spec.name}", endpoint, spec.operation_id, **options)
 
 
 def json_paths(service: Service) -> set[str]:
     """Paths of the generate routes whose body is JSON, with their trailing-slash aliases."""
-    names = [m.NAME for m in service.modules.values() if not is_multipart(m.Request)]
+    names = [spec.name for spec in service.specs.values() if not spec.multipart]
     return {path for name in names for path in with_slash(f"/{name}")}
 
 
@@ -235,7 +166,7 @@ def status_router(service: Service, settings: Settings) -> APIRouter:
     def default_model_id() -> str:
         if settings.model_id:
             return settings.model_id
-        return ",".join(service.registry.default(name).id for name in service.modules)
+        return ",".join(service.registry.default(name).id for name in service.specs)
 
     async def health() -> HealthCheck:
         return HealthCheck(status=service.health)
@@ -259,6 +190,14 @@ def status_router(service: Service, settings: Settings) -> APIRouter:
         add_route(router, path, endpoint, endpoint.__name__, methods=["GET"],
                   response_model=model)
 
+    @router.get("/ready", operation_id="ready", include_in_schema=False,
+                response_model=Readiness)
+    async def ready(response: Response) -> Readiness:
+        if not service.ready:
+            response.status_code = 503
+        return Readiness(ready=service.ready,
+                         status="DRAINING" if service.draining else service.health)
+
     @router.get("/models", operation_id="models", include_in_schema=False)
     async def models() -> dict:
         """The cache's budget and models; `on_demand`: warm models the budget cannot keep
@@ -277,8 +216,8 @@ def models_router(service: Service, settings: Settings) -> APIRouter:
 
     def entry_for(model_id: str, pipeline: str):
         names = [pipeline] if pipeline else [
-            n for n in service.modules if model_id in {e.id for e in service.registry.entries(n)}]
-        if pipeline and pipeline not in service.modules:
+            n for n in service.specs if model_id in {e.id for e in service.registry.entries(n)}]
+        if pipeline and pipeline not in service.specs:
             raise FieldError("pipeline", f"this runner does not serve {pipeline!r}")
         if len(names) != 1:
             where = ", ".join(names) or "no served pipeline"
@@ -315,11 +254,9 @@ def models_router(service: Service, settings: Settings) -> APIRouter:
 
 
 def install(app: FastAPI, service: Service, settings: Settings) -> None:
-    from runner import openai
-
     app.include_router(status_router(service, settings))
     app.include_router(models_router(service, settings))
     app.include_router(generate_router(service, settings))
-    for module in service.modules.values():
-        if getattr(module, "OPENAI_CHAT", False):
-            app.include_router(openai.router(service, module, bearer_auth(settings.auth_token)))
+    for spec in service.specs.values():
+        if spec.openai_chat:
+            app.include_router(openai.router(service, spec, bearer_auth(settings.auth_token)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
@@ -90,6 +91,24 @@ class Settings(BaseSettings):
         "cached under MODEL_DIR/.cache/torchinductor for the next start.")
     health_probe_seconds: float = Field(
         5.0, description="How often warm models are re-checked after start-up; 0 = never.")
+
+    live_orch_url: str = Field(
+        "", description="go-livepeer's runner-facing URL (its -liveRunnerAddr): with "
+        "LIVE_ORCH_SECRET and LIVE_RUNNER_URL, each served pipeline registers there as a Live "
+        "Runner app and heartbeats; '' = no dynamic registration.")
+    live_orch_secret: str = Field("", description="go-livepeer's -orchSecret, which "
+                                  "authorises a runner's first heartbeat.")
+    live_runner_url: str = Field(
+        "", description="How the orchestrator reaches this runner, e.g. http://runner:8000; "
+        "it appends each pipeline's route.")
+    live_price: Decimal | None = Field(
+        None, ge=0, description="Price in USD per LIVE_PRICE_UNIT sent with each registration; "
+        "unset = 0, which only an offchain orchestrator accepts.")
+    live_price_unit: Literal["hour", "720p", "fixed"] = Field(
+        "hour", description="What LIVE_PRICE is for: an hour of compute, a 720p frame, or "
+        "one request (fixed).")
+    live_label: str = Field("runner-", description="Prefix of each registration's label "
+                            "(the pipeline name follows).")
 
     @field_validator("pipeline")
     @classmethod

@@ -9,8 +9,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from runner.pipeline import discover  # noqa: E402
 from runner.registry import ModelEntry, Registry  # noqa: E402
+from runner.spec import discover  # noqa: E402
 
 
 def selected_entries(registry: Registry, pipeline: str, model: str | None,

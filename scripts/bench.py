@@ -291,9 +291,9 @@ def full_size_settings(pipeline: str, options: Options, cold_model: str, weights
     settings that serve them."""
     import bench_fullsize
 
-    from runner.pipeline import discover
     from runner.registry import Registry
     from runner.settings import Settings
+    from runner.spec import discover
 
     registry = Registry.load(Settings().models_file)
     entries = [registry.resolve(pipeline, options.model)]
@@ -311,7 +311,7 @@ def full_size_settings(pipeline: str, options: Options, cold_model: str, weights
 # -- the whole run ---------------------------------------------------------------------------
 
 def pipelines_to_run(spec: str) -> list[str]:
-    from runner.pipeline import discover
+    from runner.spec import discover
 
     served = sorted(discover())
     if spec == "all":
@@ -337,7 +337,7 @@ def environment(mode: str) -> dict:
 
 
 def not_servable(pipeline: str) -> str | None:
-    from runner.pipeline import discover
+    from runner.spec import discover
 
     if pipeline in discover():
         return None

@@ -1,15 +1,15 @@
-"""Request bodies for scripts/bench.py, one sensible request per pipeline, with the media they
-upload generated in memory (a noise PNG, a voiced-sounding WAV)."""
+"""Request bodies for scripts/bench.py: each pipeline's own sample request (runner/sample.py),
+with the media it uploads generated in memory (a noise PNG, a voiced-sounding WAV)."""
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass, field
 from typing import Any
 
-PROMPT = "a photo of a cat on a sofa"
-SPEECH = "The quick brown fox jumps over the lazy dog."
-DESCRIPTION = ("A female speaker talks quickly in a quiet room with very clear audio.")
+from runner.sample import NoiseImage, Scale, Speech
+from runner.spec import PipelineSpec, discover, read
 
 
 @dataclass
@@ -33,6 +33,10 @@ class Call:
     data: dict[str, str] = field(default_factory=dict)
     files: dict[str, tuple[str, bytes, str]] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)  # what a naive run needs to match
+
+    def field(self, name: str) -> Any:
+        """A request field as sent."""
+        return (self.json or self.data).get(name)
 
     def send(self, client: Any) -> Any:
         if self.json is not None:
@@ -91,58 +95,33 @@ def _fields(**values: Any) -> dict[str, str]:
     return {k: str(v) for k, v in values.items() if v is not None and v != ""}
 
 
-def _image_side(options: Options, default: tuple[int, int]) -> tuple[int, int]:
-    return (options.size, options.size) if options.size else default
-
-
 def request(pipeline: str, options: Options, index: int = 0) -> Call:
-    """The bench's request number `index` for `pipeline`. Every request is the same except
-    segment-anything-2's, whose image changes each time, so its embedding cache never hits and
-    each request pays for the image encoder."""
-    o = options
-    steps, model = o.steps, o.model
-    if pipeline == "text-to-image":
-        body = {"prompt": PROMPT, "num_images_per_prompt": o.images, "seed": 1,
-                "model_id": model, "width": o.size, "height": o.size,
-                "num_inference_steps": steps}
-        return Call("/text-to-image", json={k: v for k, v in body.items() if v is not None})
-    if pipeline in ("image-to-image", "upscale"):
-        side = _image_side(o, (512, 512))
-        prompt = "make it snowy" if pipeline == "image-to-image" else PROMPT
-        extra = {"num_images_per_prompt": o.images} if pipeline == "image-to-image" else {}
-        return Call(f"/{pipeline}", data=_fields(prompt=prompt, seed=1, model_id=model,
-                                                 num_inference_steps=steps, **extra),
-                    files={"image": ("in.png", noise_png(*side), "image/png")},
-                    params={"image_size": side})
-    if pipeline == "image-to-video":
-        side = _image_side(o, (1024, 576))
-        sized = {"width": side[0], "height": side[1]} if o.size else {}
-        return Call("/image-to-video", data=_fields(seed=1, model_id=model,
-                                                    num_inference_steps=steps, **sized),
-                    files={"image": ("in.png", noise_png(*side), "image/png")},
-                    params={"image_size": side})
-    if pipeline == "audio-to-text":
-        return Call("/audio-to-text", data=_fields(model_id=model, return_timestamps="true"),
-                    files={"audio": ("speech.wav", speech_wav(o.audio_seconds), "audio/wav")},
-                    params={"seconds": o.audio_seconds})
-    if pipeline == "image-to-text":
-        side = _image_side(o, (384, 384))
-        return Call("/image-to-text", data=_fields(model_id=model),
-                    files={"image": ("in.png", noise_png(*side), "image/png")},
-                    params={"image_size": side})
-    if pipeline == "segment-anything-2":
-        side = _image_side(o, (1024, 1024))
-        return Call("/segment-anything-2",
-                    data=_fields(model_id=model, point_coords=f"[[{side[0] // 2},{side[1] // 2}]]",
-                                 point_labels="[1]"),
-                    files={"image": ("in.png", noise_png(*side, seed=index), "image/png")},
-                    params={"image_size": side, "seed": index})
-    if pipeline == "text-to-speech":
-        return Call("/text-to-speech", json={"text": SPEECH, "description": DESCRIPTION,
-                                             "model_id": model})
-    if pipeline == "llm":
-        return Call("/llm", json={"messages": [{"role": "user", "content": "Tell me a story "
-                                                "about a cat and a dog."}],
-                                  "model": model, "max_tokens": o.max_tokens, "seed": 1,
-                                  "temperature": 0})
-    raise SystemExit(f"no bench request for pipeline {pipeline!r}")
+    """The bench's request number `index` for `pipeline`: the pipeline's own sample request
+    (its `sample_request` hook) at the command line's sizes, as HTTP."""
+    spec = _spec(pipeline)
+    if spec.sample_request is None:
+        raise SystemExit(f"pipeline {pipeline!r} has no sample request to bench")
+    sample = spec.sample_request(Scale(
+        size=options.size, images=options.images, steps=options.steps,
+        audio_seconds=options.audio_seconds or 2.0, max_tokens=options.max_tokens or 16,
+        model=options.model, index=index))
+    path = f"/{spec.name}"
+    if not spec.multipart:
+        return Call(path, json={k: v for k, v in sample.fields.items() if v is not None},
+                    params=sample.params)
+    return Call(path, data=_fields(**sample.fields), params=sample.params,
+                files={name: _upload(name, upload) for name, upload in sample.uploads.items()})
+
+
+def _upload(name: str, upload: NoiseImage | Speech) -> tuple[str, bytes, str]:
+    if isinstance(upload, Speech):
+        return f"{name}.wav", speech_wav(upload.seconds), "audio/wav"
+    return f"{name}.png", noise_png(upload.width, upload.height, upload.seed), "image/png"
+
+
+@functools.cache
+def _spec(pipeline: str) -> PipelineSpec:
+    modules = discover(installed_only=False)
+    if pipeline not in modules:
+        raise SystemExit(f"no bench request for pipeline {pipeline!r}")
+    return read(modules[pipeline])

@@ -42,6 +42,16 @@ class Context:
             return explicit
         return self.entry.defaults.get(key, fallback)
 
+    def model_options(self) -> Any:
+        """The entry's typed options, read as the runner reads them."""
+        from runner.spec import discover, read
+
+        return read(discover(installed_only=False)[self.pipeline]).hooks.options.of(self.entry)
+
+    def field(self, name: str) -> Any:
+        """A field of the pipeline's sample request, so the naive call uses the same text."""
+        return bench_inputs.request(self.pipeline, self.options).field(name)
+
     def image(self, index: int = 0) -> Any:
         from PIL import Image
 
@@ -80,7 +90,8 @@ def diffusers_pipe(cls: Any, c: Context) -> Any:
     parts = {name: loader(c) for name, loader in COMPONENTS.items()
              if name in c.entry.components}
     pipe = cls.from_pretrained(c.folder, dtype=torch.float32, **parts).to(c.device)
-    set_scheduler(pipe, c.entry.options.get("scheduler"))
+    # image-to-video takes no scheduler option: its checkpoint's own runs
+    set_scheduler(pipe, getattr(c.model_options(), "scheduler", None))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -114,7 +125,7 @@ def text_to_image(c: Context) -> Run:
 
     pipe = diffusers_pipe(AutoPipelineForText2Image, c)
     size = c.value("width", c.options.size)
-    args = dict(prompt=bench_inputs.PROMPT, width=size, height=size,
+    args = dict(prompt=c.field("prompt"), width=size, height=size,
                 num_inference_steps=c.value("num_inference_steps", c.options.steps, 50),
                 guidance_scale=c.value("guidance_scale", None, 5.0),
                 num_images_per_prompt=c.options.images)
@@ -144,13 +155,13 @@ def image_to_video(c: Context) -> Run:
     image = c.image()
     args = dict(width=c.value("width", c.options.size, 1024),
                 height=c.value("height", c.options.size, 576),
-                num_frames=int(c.entry.options.get("num_frames", 25)),
+                num_frames=c.model_options().num_frames or 25,
                 num_inference_steps=c.value("num_inference_steps", c.options.steps, 25),
                 fps=c.value("fps", None, 7),
                 motion_bucket_id=c.value("motion_bucket_id", None, 127),
                 noise_aug_strength=c.value("noise_aug_strength", None, 0.02),
                 # a setting of the model's entry: the temporal VAE's output depends on it
-                decode_chunk_size=int(c.entry.options.get("decode_chunk_size", 8)))
+                decode_chunk_size=c.model_options().decode_chunk_size)
     return lambda i: [png(f) for f in pipe(image, **args, generator=c.generator()).frames[0]]
 
 
@@ -160,7 +171,7 @@ def upscale(c: Context) -> Run:
     pipe = diffusers_pipe(StableDiffusionUpscalePipeline, c)
     image = c.image()
     steps = c.value("num_inference_steps", c.options.steps, 75)
-    return lambda i: [png(im) for im in pipe(prompt=bench_inputs.PROMPT, image=image,
+    return lambda i: [png(im) for im in pipe(prompt=c.field("prompt"), image=image,
                                               num_inference_steps=steps,
                                               generator=c.generator()).images]
 
@@ -184,7 +195,7 @@ def image_to_text(c: Context) -> Run:
     model = BlipForConditionalGeneration.from_pretrained(c.folder, **float32()).to(c.device)
     model.eval()
     image = c.image()
-    tokens = int(c.entry.options.get("max_new_tokens", 50))
+    tokens = c.model_options().max_new_tokens
 
     def run(i: int) -> str:
         inputs = processor(images=image, return_tensors="pt").to(c.device)
@@ -239,8 +250,8 @@ def text_to_speech(c: Context) -> Run:
     model = ParlerTTSForConditionalGeneration.from_pretrained(c.folder, **float32())
     model.to(c.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(c.folder)
-    description = tokenizer(bench_inputs.DESCRIPTION, return_tensors="pt").to(c.device)
-    text = tokenizer(bench_inputs.SPEECH, return_tensors="pt").to(c.device)
+    description = tokenizer(c.field("description"), return_tensors="pt").to(c.device)
+    text = tokenizer(c.field("text"), return_tensors="pt").to(c.device)
 
     def run(i: int) -> bytes:
         audio = model.generate(input_ids=description.input_ids,

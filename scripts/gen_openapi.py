@@ -28,8 +28,8 @@ def build_spec() -> dict:
     """The app's OpenAPI document. Every setting that can change the routes is pinned here, so
     PIPELINE, MODEL_ID or MODELS_FILE in the environment do not leak into the spec."""
     from runner.app import create_app
-    from runner.pipeline import discover
     from runner.settings import Settings
+    from runner.spec import discover
 
     settings = Settings(pipeline="all", model_id="", models_file=REPO_ROOT / "models.yaml",
                         tiny=True, device="cpu")

@@ -28,8 +28,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from runner.app import create_app
-from runner.pipeline import discover
 from runner.settings import Settings
+from runner.spec import discover
 from tests.support import echo_pipeline
 
 SUPPORT = Path(__file__).parent / "support"

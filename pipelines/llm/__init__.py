@@ -35,6 +35,7 @@ import anyio
 from pipelines.llm.backend import Backend
 from pipelines.llm.entry_options import Options
 from pipelines.llm.hf_backend import (
+    DEFAULT_MAX_TOKENS,
     MIN_SAMPLING_TEMPERATURE,
     STREAM_DRAIN_S,
     StopScanner,
@@ -72,6 +73,7 @@ from runner.errors import FieldError, ModelLoadError, Unavailable
 from runner.hub import ModelFiles
 from runner.protocol import LLMResponse
 from runner.registry import ModelEntry
+from runner.sample import Sample, Scale
 
 __all__ = [
     # the pipeline interface
@@ -137,9 +139,15 @@ def file_problems(entry: ModelEntry, files: ModelFiles) -> list[str] | None:
     return checkpoints.ollama_problems(tag, Path(store)) if store else []
 
 
+# The in-process backend's KV cache per token, by model id: known once it has loaded.
+KV_BYTES_PER_TOKEN: dict[str, int] = {}
+
+
 def load(entry: ModelEntry, files: ModelFiles, device: Device) -> Backend:
     if backend_name(entry, files) == "transformers":
-        return transformers_backend(entry, files, device)
+        model = transformers_backend(entry, files, device)
+        KV_BYTES_PER_TOKEN[entry.id] = model.kv_bytes_per_token
+        return model
     backend = OllamaBackend(entry, CLIENT_OPTIONS)
     backend.prepare()
     return backend
@@ -180,3 +188,20 @@ def tag_needs_ollama(tag: str, model: Backend) -> FieldError:
     return FieldError("model", f"{tag!r} is an Ollama tag, but this runner serves "
                       f"{model.entry.id} with {model.kind}; send a model id from models.yaml "
                       "or run with LLM_BACKEND=ollama")
+
+
+def working_memory(entry: ModelEntry, request: LLMRequest, float_bytes: int) -> int:
+    """The in-process backend's KV cache for this request: its bytes per token times the
+    prompt (about three characters a token, counted high) and the answer's most tokens. 0 for
+    Ollama, whose daemon holds its own memory, and before the model has loaded."""
+    per_token = KV_BYTES_PER_TOKEN.get(entry.id, 0)
+    prompt = sum(len(m.content) for m in request.messages) // 3 + 8 * len(request.messages)
+    return per_token * (prompt + (request.max_tokens or DEFAULT_MAX_TOKENS))
+
+
+def sample_request(scale: Scale) -> Sample:
+    """A short story, greedy and seeded, so runs (and the naive call) agree token for token."""
+    return Sample({"messages": [{"role": "user",
+                                 "content": "Tell me a story about a cat and a dog."}],
+                   "model": scale.model, "max_tokens": scale.max_tokens, "seed": 1,
+                   "temperature": 0})

@@ -56,6 +56,19 @@ class StopScanner:
 _DONE = object()  # the generation thread's last message
 
 
+DEFAULT_MAX_TOKENS = 256  # an answer's length when the request does not say
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    """Device bytes the KV cache grows by per token: keys and values of every layer, at the
+    model's dtype (grouped-query models keep fewer heads)."""
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // \
+        config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * model.dtype.itemsize
+
+
 class TransformersBackend(Backend):
     """A causal LM and its tokenizer; one generation at a time (a second request waits for the
     first: two generate calls on one model share its memory and its tokenizer)."""
@@ -68,6 +81,7 @@ class TransformersBackend(Backend):
         self.tokenizer = tokenizer
         self.device = device
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+        self.kv_bytes_per_token = kv_bytes_per_token(model)
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {int(i) for i in eos + [tokenizer.eos_token_id] if i is not None}
@@ -144,7 +158,7 @@ class TransformersBackend(Backend):
                 if room < 1:
                     raise BadRequest(f"the conversation is {prompt_tokens} tokens long; "
                                      f"{self.entry.id} reads at most {self.context - 1}")
-                max_new = min(int(request.max_tokens or 256), room)
+                max_new = min(int(request.max_tokens or DEFAULT_MAX_TOKENS), room)
                 streamer = Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
                 if request.seed is not None:
                     torch.manual_seed(request.seed)

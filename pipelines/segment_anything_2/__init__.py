@@ -84,6 +84,7 @@ from runner.errors import InferenceError, ModelLoadError
 from runner.hub import ModelFiles
 from runner.media import decode_image
 from runner.registry import ModelEntry
+from runner.sample import NoiseImage, Sample, Scale
 
 __all__ = [
     # the pipeline interface
@@ -193,3 +194,14 @@ def warm_up(model: Segmenter, entry: ModelEntry) -> None:
 def working_memory(entry: ModelEntry, request: Any, float_bytes: int) -> int:
     """The image encoder at SAM2's fixed 1024x1024 input dominates."""
     return wm.fixed(1024, float_bytes)
+
+
+def sample_request(scale: Scale) -> Sample:
+    """One point at the centre of a noise image of the scale's size (unset: 1024x1024); the
+    image changes with `scale.index`, so the embedding cache never hits and each request pays
+    for the image encoder."""
+    side = (scale.size, scale.size) if scale.size else (1024, 1024)
+    return Sample({"model_id": scale.model, "point_coords": f"[[{side[0] // 2},{side[1] // 2}]]",
+                   "point_labels": "[1]"},
+                  uploads={"image": NoiseImage(*side, seed=scale.index)},
+                  params={"image_size": side, "seed": scale.index})

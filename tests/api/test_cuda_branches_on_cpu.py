@@ -10,12 +10,12 @@ import torch
 from fastapi.testclient import TestClient
 
 from runner import device as devices
-from runner import service as service_module
+from runner import lifecycle as service_module
 from runner.app import create_app
 from runner.footprint import walk
 from runner.memory import HostMemory
-from runner.pipeline import discover
 from runner.settings import Settings
+from runner.spec import discover
 from tests.conftest import wait_ready
 from tests.gpu.support import ALL_PIPELINES, ANSWER_KEY, resident, small_request
 

@@ -8,6 +8,7 @@ import pytest
 
 from runner.app import create_app
 from tests.conftest import echo_modules, echo_settings, png_bytes, wait_ready
+from tests.support.helpers import hook_replaced
 
 PNG = ("a.png", png_bytes(), "image/png")
 
@@ -251,7 +252,7 @@ def test_a_client_that_goes_away_stops_its_run_and_frees_its_place(live_server, 
     assert cancelled() == before + 1
 
 
-def test_a_run_retried_after_out_of_memory_reads_its_upload_again(echo, monkeypatch):
+def test_a_run_retried_after_out_of_memory_reads_its_upload_again(echo):
     """The first attempt read the upload to its end before the OOM; the retry must see it
     whole, not an empty file (a 400)."""
     from tests.support import echo_pipeline
@@ -269,8 +270,8 @@ def test_a_run_retried_after_out_of_memory_reads_its_upload_again(echo, monkeypa
         request.image.file.seek(0)
         return real_run(model, request, ctx)
 
-    monkeypatch.setattr(echo_pipeline, "run", run_oom_once)
-    r = echo.post("/echo-image", files={"image": PNG})
+    with hook_replaced(echo.app.state.service.specs["echo-image"], "run", run_oom_once):
+        r = echo.post("/echo-image", files={"image": PNG})
     assert r.status_code == 200, r.text
     assert attempts == [len(PNG[1])] * 2
     assert (r.json()["width"], r.json()["height"]) == (32, 24)

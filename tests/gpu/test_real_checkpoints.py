@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from runner.pipeline import discover
 from runner.registry import Registry
 from runner.settings import Settings
+from runner.spec import discover
 from tests.conftest import post_image
 from tests.gpu.conftest import HAS_PARLER, NO_PARLER
 from tests.gpu.support import (

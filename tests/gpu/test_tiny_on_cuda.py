@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner.pipeline import discover
+from runner.spec import discover
 from tests.gpu.conftest import HAS_PARLER, NO_PARLER
 from tests.gpu.support import (
     ALL_PIPELINES,

@@ -34,8 +34,8 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from runner.pipeline import discover
 from runner.settings import REPO_ROOT
+from runner.spec import discover
 from tests.hardening import strategies, support
 
 SPEC = yaml.safe_load((REPO_ROOT / "openapi.yaml").read_text())

@@ -20,6 +20,7 @@ from runner.registry import ModelEntry
 from runner.settings import Settings
 from tests.conftest import png_bytes, serving
 from tests.support.contract import assert_valid
+from tests.support.helpers import hook_replaced
 
 # (container format, encoder, file name, content type) for every container the runner takes.
 CONTAINERS = [
@@ -157,9 +158,9 @@ def test_word_timestamps_and_sdpa_afterwards(asr, monkeypatch):
         seen.append(model.model.config._attn_implementation)
         return response
 
-    monkeypatch.setattr(audio_to_text, "run", spy)
-    words = transcribe(asr, return_timestamps="word")
-    segments = transcribe(asr, return_timestamps="true")
+    with hook_replaced(asr.app.state.service.specs["audio-to-text"], "run", spy):
+        words = transcribe(asr, return_timestamps="word")
+        segments = transcribe(asr, return_timestamps="true")
     assert words["chunks"] and segments["chunks"]
     assert_chunks(words["chunks"])
     # transformers leaves the model on eager attention after a word request; run() restores it.

@@ -85,6 +85,25 @@ def test_chat_completion(tiny_llm):
     assert "generate;dur=" in r.headers["server-timing"]
 
 
+def test_an_in_process_run_reserves_its_kv_cache(tiny_llm, monkeypatch):
+    # A coroutine run goes through the same reservation as a threaded one (issue 16: it used
+    # to skip it), and the in-process backend sizes it by the request's tokens.
+    service = tiny_llm.app.state.service
+    reserved, real = [], service.cache.reserve
+
+    def spy(entry, estimate, *args, **kwargs):
+        reserved.append(estimate)
+        return real(entry, estimate, *args, **kwargs)
+
+    monkeypatch.setattr(service.cache, "reserve", spy)
+    monkeypatch.setattr(service.settings, "vram_budget", service.cache.budget)
+    assert tiny_llm.post("/llm", json=chat(max_tokens=4)).status_code == 200
+    entry = service.registry.default("llm")
+    short = llm.working_memory(entry, llm.Request(**chat(max_tokens=4)), 4)
+    long = llm.working_memory(entry, llm.Request(**chat(max_tokens=400)), 4)
+    assert reserved == [short] and 0 < short < long
+
+
 def test_max_tokens_reached_is_length(tiny_llm):
     # Greedy decoding of the tiny model repeats one token and never reaches its end token.
     r = tiny_llm.post("/llm/", json=chat(max_tokens=3, temperature=0))

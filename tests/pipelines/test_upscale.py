@@ -15,6 +15,7 @@ from runner.registry import ModelEntry
 from runner.settings import Settings
 from tests.conftest import decode_png_url, pixels, png_bytes, post_image, serving
 from tests.support.contract import assert_valid
+from tests.support.helpers import hook_replaced
 
 FAST = {"num_inference_steps": "2"}
 
@@ -105,10 +106,10 @@ def test_default_steps_come_from_models_yaml(up, monkeypatch):
         seen.append(request.num_inference_steps)
         return real(model, request, ctx)
 
-    monkeypatch.setattr(upscale, "run", spy)
     default = up.app.state.service.registry.default("upscale").defaults["num_inference_steps"]
-    upscaled(up, num_inference_steps=None)
-    upscaled(up, num_inference_steps="3")
+    with hook_replaced(up.app.state.service.specs["upscale"], "run", spy):
+        upscaled(up, num_inference_steps=None)
+        upscaled(up, num_inference_steps="3")
     assert seen == [default, 3]
 
 

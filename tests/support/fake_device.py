@@ -89,6 +89,11 @@ class FakeDevice:
         self.measurements += 1
         return result, getattr(model, "peak", None)
 
+    async def measured_async(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, int | None]:
+        result = await fn(*args)
+        self.measurements += 1
+        return result, getattr(args[0] if args else None, "peak", None)
+
     # -- what the loader does to it ------------------------------------------------------------
 
     def add(self, model: FakeModel) -> None:

@@ -14,8 +14,8 @@ from pipelines import text_to_speech as tts
 from runner.context import RunContext
 from runner.device import Device
 from runner.hub import ModelFiles
-from runner.pipeline import discover
 from runner.settings import Settings
+from runner.spec import discover
 from tests.conftest import serving
 from tests.support.contract import assert_valid
 

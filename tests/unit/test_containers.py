@@ -26,9 +26,9 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import runner
-from runner.pipeline import discover
 from runner.registry import Registry
 from runner.settings import OPTIMISATION_FLAGS, REPO_ROOT, Settings
+from runner.spec import discover
 from tests.support import golivepeer
 
 

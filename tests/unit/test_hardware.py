@@ -166,7 +166,7 @@ def test_the_budget_is_the_runners_own_gpu_or_mig_slice(nvml, monkeypatch, tmp_p
     def budget() -> int:
         settings = Settings(pipeline="text-to-image", device="cuda", tiny=False,
                             model_dir=tmp_path, vram_reserve=GIB)
-        return Service(settings, Registry.load(REPO_ROOT / "models.yaml"), {})._budget()
+        return Service(settings, Registry.load(REPO_ROOT / "models.yaml"), {}).models._budget()
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", MIG)
     assert budget() == 9 * GIB  # the slice's 10 GiB, not the whole card's 80

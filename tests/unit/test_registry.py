@@ -10,8 +10,8 @@ from pydantic import ValidationError
 
 from pipelines import text_to_image
 from runner.errors import FieldError
-from runner.pipeline import check_defaults, with_defaults
 from runner.registry import ModelEntry, ModelsFile, Registry, Source
+from runner.spec import check_defaults, read, with_defaults
 
 MODELS_YAML = Path(__file__).resolve().parents[2] / "models.yaml"
 
@@ -163,7 +163,7 @@ def test_real_models_yaml_loads_and_defaults_fit_the_request():
     assert "text-to-image" in reg.pipelines
     entries = reg.entries("text-to-image")
     assert entries and reg.default("text-to-image") in entries
-    check_defaults(reg, {text_to_image.NAME: text_to_image})
+    check_defaults(reg, {text_to_image.NAME: read(text_to_image)})
     for entry in entries:
         request = with_defaults(text_to_image.Request(prompt="a cat"), entry)
         text_to_image.Request.model_validate(request.model_dump())
@@ -176,7 +176,7 @@ def test_check_defaults_rejects_unknown_field_and_bad_value():
     bad_field = spec()
     bad_field["pipelines"]["text-to-image"]["models"][0]["defaults"] = {"steps": 4}
     reg = Registry(ModelsFile.model_validate(bad_field))
-    modules = {text_to_image.NAME: text_to_image}
+    modules = {text_to_image.NAME: read(text_to_image)}
     with pytest.raises(ValueError, match="steps"):
         check_defaults(reg, modules)
     bad_value = spec()

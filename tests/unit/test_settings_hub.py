@@ -180,7 +180,7 @@ def test_invalid_repo_is_never_looked_up(tmp_path, repo):
 def test_pipelines_whose_libraries_are_missing_are_not_served(monkeypatch):
     import pytest
 
-    from runner import pipeline
+    from runner import spec as pipeline
     from runner.app import build_service
     from runner.settings import Settings
 
