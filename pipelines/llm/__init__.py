@@ -32,9 +32,9 @@ import anyio
 
 # The names below are the package's face: the runner reads the pipeline interface from here,
 # and tests and scripts reach the backends' parts as `llm.X`, as when this was one module.
-from pipelines.llm.backend import Backend
-from pipelines.llm.entry_options import Options
-from pipelines.llm.hf_backend import (
+from pipelines.llm._backend import Backend
+from pipelines.llm._entry_options import Options
+from pipelines.llm._hf_backend import (
     DEFAULT_MAX_TOKENS,
     MIN_SAMPLING_TEMPERATURE,
     STREAM_DRAIN_S,
@@ -42,7 +42,7 @@ from pipelines.llm.hf_backend import (
     TransformersBackend,
     transformers_backend,
 )
-from pipelines.llm.ollama_backend import (
+from pipelines.llm._ollama_backend import (
     CONNECT_TIMEOUT_S,
     DAEMON_WAIT_S,
     DEFAULT_OLLAMA_HOST,
@@ -51,14 +51,14 @@ from pipelines.llm.ollama_backend import (
     ollama_host,
     same_tag,
 )
-from pipelines.llm.tiny import (
+from pipelines.llm._tiny import (
     TINY_CHAT_TEMPLATE,
     TINY_CORPUS,
     TINY_SPECIALS,
     build_tiny,
     tiny_chat_model,
 )
-from pipelines.llm.wire import (
+from pipelines.llm._wire import (
     LLMRequest,
     Piece,
     closing,

@@ -43,16 +43,16 @@ from pipelines import _working_memory as wm
 
 # The names below are the package's face: the runner reads the pipeline interface from here,
 # and tests and scripts reach the parts as `sam2.X`, as when this was one module.
-from pipelines.segment_anything_2.entry_options import DEFAULT_EMBEDDING_CACHE, Options
-from pipelines.segment_anything_2.hf_backend import (
+from pipelines.segment_anything_2._entry_options import DEFAULT_EMBEDDING_CACHE, Options
+from pipelines.segment_anything_2._hf_backend import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     LOGIT_CLAMP,
     TransformersSam2,
     transformers_model,
 )
-from pipelines.segment_anything_2.masks import LOGIT_DECIMALS, PAD, json_array
-from pipelines.segment_anything_2.prompts import (
+from pipelines.segment_anything_2._masks import LOGIT_DECIMALS, PAD, json_array
+from pipelines.segment_anything_2._prompts import (
     MAX_POINTS,
     Prompts,
     json_numbers,
@@ -63,21 +63,21 @@ from pipelines.segment_anything_2.prompts import (
     parse_prompts,
     to_fractions,
 )
-from pipelines.segment_anything_2.pt_backend import (
+from pipelines.segment_anything_2._pt_backend import (
     OfficialSam2,
     official_model,
     official_predictor,
     one_file,
     sam2_installed,
 )
-from pipelines.segment_anything_2.segmenter import EmbeddingCache, Segmenter
-from pipelines.segment_anything_2.tiny import (
+from pipelines.segment_anything_2._segmenter import EmbeddingCache, Segmenter
+from pipelines.segment_anything_2._tiny import (
     TINY_OFFICIAL_YAML,
     build_tiny,
     tiny_parts,
     tiny_transformers_model,
 )
-from pipelines.segment_anything_2.wire import MasksResponse, SegmentAnything2Params
+from pipelines.segment_anything_2._wire import MasksResponse, SegmentAnything2Params
 from runner.context import RunContext
 from runner.device import Device, move_model
 from runner.errors import InferenceError, ModelLoadError

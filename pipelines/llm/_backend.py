@@ -7,7 +7,7 @@ import abc
 import time
 from collections.abc import AsyncIterator
 
-from pipelines.llm.wire import LLMRequest, Piece, closing, completion_id
+from pipelines.llm._wire import LLMRequest, Piece, closing, completion_id
 from runner.context import RunContext
 from runner.errors import InferenceError
 from runner.protocol import LLMChoice, LLMMessage, LLMResponse

@@ -12,8 +12,8 @@ from typing import Any
 
 import anyio
 
-from pipelines.llm.backend import Backend
-from pipelines.llm.wire import LLMRequest, Piece
+from pipelines.llm._backend import Backend
+from pipelines.llm._wire import LLMRequest, Piece
 from runner.device import Device
 from runner.errors import BadRequest, ModelLoadError
 from runner.hub import ModelFiles

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.segment_anything_2.wire import SegmentAnything2Params
+from pipelines.segment_anything_2._wire import SegmentAnything2Params
 from runner.errors import BadRequest
 
 MAX_POINTS = 64  # point prompts per request; real clicks number a handful

@@ -11,9 +11,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pipelines.llm.backend import Backend
-from pipelines.llm.entry_options import Options
-from pipelines.llm.wire import LLMRequest, Piece, closing, finish_reason, is_ollama_tag
+from pipelines.llm._backend import Backend
+from pipelines.llm._entry_options import Options
+from pipelines.llm._wire import LLMRequest, Piece, closing, finish_reason, is_ollama_tag
 from runner.errors import (
     BadRequest,
     FieldError,

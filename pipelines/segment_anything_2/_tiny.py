@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipelines.segment_anything_2.pt_backend import official_model, sam2_installed
+from pipelines.segment_anything_2._pt_backend import official_model, sam2_installed
 from runner.errors import ModelLoadError
 from runner.hub import writing_snapshot
 from runner.registry import ModelEntry

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.segment_anything_2.prompts import Prompts
+from pipelines.segment_anything_2._prompts import Prompts
 from runner.context import RunContext
 from runner.device import Device
 

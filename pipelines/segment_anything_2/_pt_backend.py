@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.segment_anything_2.entry_options import Options
-from pipelines.segment_anything_2.prompts import Prompts
-from pipelines.segment_anything_2.segmenter import Segmenter
+from pipelines.segment_anything_2._entry_options import Options
+from pipelines.segment_anything_2._prompts import Prompts
+from pipelines.segment_anything_2._segmenter import Segmenter
 from runner.device import Device
 from runner.errors import ModelLoadError
 from runner.registry import ModelEntry
