@@ -126,6 +126,13 @@ def cuda_handle(index: int = 0) -> Any | None:
         return None
 
 
+def cuda_info(index: int = 0) -> dict[str, Any] | None:
+    """NVML's id, name and memory of torch's cuda:`index` (CUDA_VISIBLE_DEVICES applied), or
+    None when NVML cannot say."""
+    handle = cuda_handle(index)
+    return None if handle is None else _common(handle)
+
+
 def _cuda_memory(index: int) -> Any | None:
     handle = cuda_handle(index)
     return None if handle is None else _query(pynvml.nvmlDeviceGetMemoryInfo, handle, None)

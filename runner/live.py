@@ -73,15 +73,15 @@ class Registered(BaseModel):
     session_ids: list[str] | None = None
 
 
-def gpu(settings: Settings, service: Service) -> GPU | None:
-    """The serving GPU as NVML names it; None on a CPU runner."""
+def gpu(service: Service) -> GPU | None:
+    """The serving GPU as NVML names it (torch's cuda:index, CUDA_VISIBLE_DEVICES applied);
+    None on a CPU runner."""
     if not service.device.is_cuda:
         return None
-    info = hardware.gpu_info().get(str(service.device.index))
+    info = hardware.cuda_info(service.device.index)
     if not info:
         return GPU(id=str(service.device.index))
-    return GPU(id=str(info.get("id", service.device.index)), name=str(info.get("name", "")),
-               vram_mb=int(info.get("memory_total", 0)) >> 20)
+    return GPU(id=str(info["id"]), name=str(info["name"]), vram_mb=info["memory_total"] >> 20)
 
 
 def price_info(settings: Settings) -> PriceInfo:
@@ -139,7 +139,7 @@ class Registrar:
 
     def __post_init__(self) -> None:
         self.registrations = [Registration(app=name) for name in self.service.specs]
-        self.gpu = gpu(self.settings, self.service)
+        self.gpu = gpu(self.service)
         self.service.on_drain.append(self.withdraw)
 
     @property
@@ -264,7 +264,7 @@ def static_config(settings: Settings, service: Service) -> dict[str, Any]:
     served pipeline, health read from /ready (exactly 200 while serving), capacity the most
     its default model's lane admits."""
     base = (settings.live_runner_url or f"http://localhost:{settings.port}").rstrip("/")
-    found = gpu(settings, service)
+    found = gpu(service)
     return {"runners": [{
         "label": f"{settings.live_label}{name}", "routing": "runner-id", "runner_url": base,
         "health_url": f"{base}/ready", "healthy_status_code": 200, "app": name,

@@ -20,11 +20,12 @@ from runner.cache import ModelCache, Reservation
 from runner.context import RunContext
 from runner.device import Device
 from runner.executor import Executor, Lane
+from runner.hub import ModelFiles
 from runner.lifecycle import Models
 from runner.middleware import Count
 from runner.registry import ModelEntry, Registry
 from runner.settings import Settings
-from runner.spec import PipelineSpec, rewind_uploads
+from runner.spec import PipelineSpec, rewind_uploads, with_defaults
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class Service:
     def on_demand(self) -> list[ModelEntry]:
         return self.models.on_demand()
 
-    def _files(self, entry: ModelEntry) -> Any:
+    def _files(self, entry: ModelEntry) -> ModelFiles:
         return self.models.files(entry)
 
     @property
@@ -141,7 +142,7 @@ class Service:
         checker when asked for; everything a client can get wrong fails here, before any
         response byte is sent."""
         entry = self.registry.resolve(spec.name, spec.model_id(request))
-        request = spec.with_defaults(request, entry)
+        request = with_defaults(request, entry)
         timings = {} if timings is None else timings
         started = time.perf_counter()
         timeout = self.settings.queue_timeout

@@ -176,9 +176,6 @@ class PipelineSpec:
     def wants_stream(self, request: BaseModel) -> bool:
         return self.stream is not None and bool(getattr(request, "stream", False))
 
-    def with_defaults(self, request: BaseModel, entry: ModelEntry) -> BaseModel:
-        return with_defaults(request, entry)
-
     def check_entries(self, registry: Registry) -> None:
         """Every models.yaml entry of this pipeline: its defaults name request fields of the
         right type and its options are ones the pipeline reads; a mistake stops the start."""

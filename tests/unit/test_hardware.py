@@ -175,3 +175,12 @@ def test_the_budget_is_the_runners_own_gpu_or_mig_slice(nvml, monkeypatch, tmp_p
     assert budget() == 23 * GIB
     monkeypatch.setattr("runner.device.cuda_total", lambda index: None)
     assert budget() > 0  # nor can CUDA (no driver): host RAM, as without a GPU
+
+
+def test_the_live_runner_registration_names_the_visible_gpu(nvml, monkeypatch):
+    # What runner/live.py sends as `gpu`: torch's cuda:0 is NVML's GPU 2 here.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    assert hardware.cuda_info(0) == {"id": UUIDS[2], "name": "NVIDIA H100",
+                                     "memory_total": 80 * GIB, "memory_free": 77 * GIB}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    assert hardware.cuda_info(0) is None
