@@ -8,7 +8,7 @@ import io
 from dataclasses import dataclass, field
 from typing import Any
 
-from runner.sample import NoiseImage, Scale, Speech
+from runner.sample import NoiseImage, Sample, Scale, Speech
 from runner.spec import PipelineSpec, discover, read
 
 
@@ -33,10 +33,6 @@ class Call:
     data: dict[str, str] = field(default_factory=dict)
     files: dict[str, tuple[str, bytes, str]] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)  # what a naive run needs to match
-
-    def field(self, name: str) -> Any:
-        """A request field as sent."""
-        return (self.json or self.data).get(name)
 
     def send(self, client: Any) -> Any:
         if self.json is not None:
@@ -95,22 +91,27 @@ def _fields(**values: Any) -> dict[str, str]:
     return {k: str(v) for k, v in values.items() if v is not None and v != ""}
 
 
-def request(pipeline: str, options: Options, index: int = 0) -> Call:
-    """The bench's request number `index` for `pipeline`: the pipeline's own sample request
-    (its `sample_request` hook) at the command line's sizes, as HTTP."""
-    spec = _spec(pipeline)
+def sample(pipeline: str, options: Options, index: int = 0) -> Sample:
+    """The pipeline's own sample request (its `sample_request` hook) at the command line's
+    sizes: fields and the uploads it describes, none of them made yet."""
+    spec = spec_of(pipeline)
     if spec.sample_request is None:
         raise SystemExit(f"pipeline {pipeline!r} has no sample request to bench")
-    sample = spec.sample_request(Scale(
+    return spec.sample_request(Scale(
         size=options.size, images=options.images, steps=options.steps,
         audio_seconds=options.audio_seconds or 2.0, max_tokens=options.max_tokens or 16,
         model=options.model, index=index))
+
+
+def request(pipeline: str, options: Options, index: int = 0) -> Call:
+    """The bench's request number `index` for `pipeline`: its sample, as HTTP."""
+    spec, wanted = spec_of(pipeline), sample(pipeline, options, index)
     path = f"/{spec.name}"
     if not spec.multipart:
-        return Call(path, json={k: v for k, v in sample.fields.items() if v is not None},
-                    params=sample.params)
-    return Call(path, data=_fields(**sample.fields), params=sample.params,
-                files={name: _upload(name, upload) for name, upload in sample.uploads.items()})
+        return Call(path, json={k: v for k, v in wanted.fields.items() if v is not None},
+                    params=wanted.params)
+    return Call(path, data=_fields(**wanted.fields), params=wanted.params,
+                files={name: _upload(name, upload) for name, upload in wanted.uploads.items()})
 
 
 def _upload(name: str, upload: NoiseImage | Speech) -> tuple[str, bytes, str]:
@@ -120,7 +121,8 @@ def _upload(name: str, upload: NoiseImage | Speech) -> tuple[str, bytes, str]:
 
 
 @functools.cache
-def _spec(pipeline: str) -> PipelineSpec:
+def spec_of(pipeline: str) -> PipelineSpec:
+    """The pipeline's spec, read once per process."""
     modules = discover(installed_only=False)
     if pipeline not in modules:
         raise SystemExit(f"no bench request for pipeline {pipeline!r}")

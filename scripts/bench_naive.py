@@ -44,13 +44,11 @@ class Context:
 
     def model_options(self) -> Any:
         """The entry's typed options, read as the runner reads them."""
-        from runner.spec import discover, read
-
-        return read(discover(installed_only=False)[self.pipeline]).hooks.options.of(self.entry)
+        return bench_inputs.spec_of(self.pipeline).hooks.options.of(self.entry)
 
     def field(self, name: str) -> Any:
         """A field of the pipeline's sample request, so the naive call uses the same text."""
-        return bench_inputs.request(self.pipeline, self.options).field(name)
+        return bench_inputs.sample(self.pipeline, self.options).fields[name]
 
     def image(self, index: int = 0) -> Any:
         from PIL import Image
