@@ -192,11 +192,9 @@ class Models:
             self.warm_plan = await self._plan_warm()
         for entry in self.warm_plan.pinned:
             await self.cache.pin(entry)
-        for name, hooks in self.hooks.items():
-            if name == "safety":
-                continue
+        for name, spec in self.specs.items():
             model = self.cache.resident(self.registry.default(name))
-            if model is not None and not await hooks.health(model):
+            if model is not None and not await spec.hooks.health(model):
                 return False
         return True
 

@@ -204,8 +204,7 @@ def read(module: types.ModuleType) -> PipelineSpec:
     missing = [n.name for n in NAMES if n.required and not hasattr(module, n.name)]
     if missing:
         raise TypeError(f"pipeline module {module.__name__} lacks {', '.join(missing)}")
-    found = {name: _checked(module, hook) for name, hook in HOOKS.items()
-             if hasattr(module, name)}
+    found = _found_hooks(module)
     name: str = module.NAME
     return PipelineSpec(
         name=name, doc=inspect.getdoc(module) or "", request=module.Request,
@@ -225,8 +224,13 @@ def read(module: types.ModuleType) -> PipelineSpec:
 
 def read_hooks(module: types.ModuleType) -> ModelHooks:
     """Only the lifecycle hooks (the safety checker's module)."""
-    return _hooks(module, {name: _checked(module, hook) for name, hook in HOOKS.items()
-                           if hasattr(module, name)})
+    return _hooks(module, _found_hooks(module))
+
+
+def _found_hooks(module: types.ModuleType) -> dict[str, Callable]:
+    """The hooks the module defines, each checked against its documented shape."""
+    return {name: _checked(module, hook) for name, hook in HOOKS.items()
+            if hasattr(module, name)}
 
 
 def _hooks(module: types.ModuleType, found: dict[str, Callable]) -> ModelHooks:
