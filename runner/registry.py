@@ -93,8 +93,10 @@ class Registry:
 
     @classmethod
     def load(cls, path: Path, defaults: dict[str, str] | None = None) -> Registry:
+        # libyaml's safe loader where PyYAML has it: 2 ms for models.yaml, 20 ms in Python
         with open(path) as f:
-            return cls(ModelsFile.model_validate(yaml.safe_load(f)), defaults)
+            spec = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        return cls(ModelsFile.model_validate(spec), defaults)
 
     @property
     def pipelines(self) -> list[str]:
