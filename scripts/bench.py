@@ -93,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "rounds (scripts/bench_overhead.py): the server's time outside the "
                         "model's stages, and for text-to-image the bare pipeline call plus "
                         "safety check interleaved with the requests")
+    parser.add_argument("--ready", type=int, default=0, metavar="ROUNDS",
+                        help="also time start-up as a process this many times "
+                        "(scripts/bench_ready.py): `python -m runner` to its port's first "
+                        "answer and to /health IDLE, against the bare libraries importing "
+                        "and loading the same models, alternated")
     parser.add_argument("--cache", action="store_true",
                         help="also time the cache: a hit, loads from disk and from the host "
                         "tier, a demotion and a drop (first pipeline, its sd-turbo-like "
@@ -249,16 +254,8 @@ def release_memory() -> None:
 def naive(run: dict, plan: Plan, requests: int) -> dict:
     import bench_naive
 
-    from runner.hub import ModelFiles
-    from runner.registry import Registry
-    from runner.settings import Settings
-
-    entry = Registry.load(Settings().models_file).resolve(plan.pipeline, plan.options.model)
-    folder = ModelFiles(Path(run["model_dir"])).folder(entry.main.repo, entry.main.revision)
-    context = bench_naive.Context(
-        plan.pipeline, entry, folder, run["device"], plan.options,
-        lambda i: bench_inputs.request(plan.pipeline, plan.options, i),
-        ModelFiles(Path(run["model_dir"])))
+    context = bench_naive.context(plan.pipeline, plan.options, Path(run["model_dir"]),
+                                  run["device"])
     return bench_naive.measure(context, requests)
 
 
@@ -377,6 +374,12 @@ def bench_one(pipeline: str, args: argparse.Namespace, weights: Path | None,
     release_memory()
     if args.naive and "error" not in run:
         run = with_naive(run, plan)
+    if args.ready and "error" not in run:
+        import bench_ready
+
+        log(f"[{pipeline}] start-up as a process, {args.ready} round(s) ...")
+        run["ready"] = bench_ready.measure(pipeline, options.model, settings, run["model_dir"],
+                                           run["device"], args.ready)
     return run
 
 

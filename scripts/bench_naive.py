@@ -61,6 +61,30 @@ class Context:
         return torch.Generator(self.device).manual_seed(1)
 
 
+def context(pipeline: str, options: Options, model_dir: Path, device: str) -> Context:
+    """The naive path's view of `pipeline`'s model (`options.model`, else its default) in
+    `model_dir`, resolved as the runner resolves it."""
+    from runner.hub import ModelFiles
+    from runner.registry import Registry
+    from runner.settings import Settings
+
+    files = ModelFiles(model_dir)
+    entry = Registry.load(Settings().models_file).resolve(pipeline, options.model)
+    return Context(pipeline, entry, files.folder(entry.main.repo, entry.main.revision), device,
+                   options, lambda i: bench_inputs.request(pipeline, options, i), files)
+
+
+def safety_checker(folder: Path, device: str) -> Any:
+    """The safety checker as the plain libraries load it: its model and its image processor."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import (
+        StableDiffusionSafetyChecker,
+    )
+    from transformers import CLIPImageProcessor
+
+    checker = StableDiffusionSafetyChecker.from_pretrained(folder, **float32()).to(device)
+    return checker, CLIPImageProcessor.from_pretrained(folder)
+
+
 def png(image: Any) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")  # PIL's default compression (level 6)

@@ -138,6 +138,16 @@ def overhead_rows(runs: list[dict]) -> list[list[str]]:
         f"{o['client_round_trip_ms']:.2f}", f"{run['startup_s']:.2f}"])
 
 
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} [{min(values):.2f}–{max(values):.2f}]"
+
+
+def ready_rows(runs: list[dict]) -> list[list[str]]:
+    return part_rows(runs, "ready", 6, lambda run, r: [
+        str(r["rounds"]), _spread(r["port_s"]), _spread(r["ready_s"]), _spread(r["floor_s"]),
+        f"{r['own_s']:.2f}"])
+
+
 def render(report: dict) -> str:
     """Markdown: the environment, then a table of requests, one of loads and memory, and one
     of the naive comparison when it ran."""
@@ -163,6 +173,13 @@ def render(report: dict) -> str:
         "is given); start-up = to /health IDLE:",
         ["pipeline", "rounds", "HTTP", "server own", "bare + safety", "over bare",
          "client round trip", "start-up s"], overhead_rows(runs))
+    out += section(
+        "Start-up as a process (s, median [min–max]; scripts/bench_ready.py): `python -m "
+        "runner` to its port's first answer and to /health IDLE; the library floor = a bare "
+        "process importing the libraries and loading the same models with their plain calls "
+        "(a lower bound); runner's own = IDLE - floor, medians:",
+        ["pipeline", "rounds", "port answers", "/health IDLE", "library floor",
+         "runner's own"], ready_rows(runs))
     out += section(
         "Naive baseline (the plain library path, float32 and default attention, same weights "
         "and settings, same process; ratio = naive / runner steady median; fidelity = the "

@@ -32,7 +32,7 @@ def bench(*args: str, tiny_dir: Path, timeout: float = 120) -> subprocess.Comple
 def test_tiny_text_to_image_writes_stages_to_json(tmp_path):
     out = tmp_path / "bench.json"
     result = bench("--pipeline", "text-to-image", "--requests", "1", "--json", str(out),
-                   "--cache", tiny_dir=tmp_path / "tiny")
+                   "--cache", "--ready", "1", tiny_dir=tmp_path / "tiny", timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| text-to-image |" in result.stdout  # the Markdown table
     report = json.loads(out.read_text())
@@ -51,6 +51,11 @@ def test_tiny_text_to_image_writes_stages_to_json(tmp_path):
     assert cache["bytes"] > 0 and all(cache["ms"][k] is not None and cache["ms"][k] >= 0
                                       for k in ("hit", "disk_load", "demote", "host_load",
                                                 "drop"))
+    # --ready: `python -m runner` spawned and seen IDLE, and the bare libraries' floor loaded
+    ready = run["ready"]
+    assert "error" not in ready, ready
+    assert ready["rounds"] == 1 and "Start-up as a process" in result.stdout
+    assert 0 < ready["port_s"][0] <= ready["ready_s"][0] and ready["floor_s"][0] > 0
 
 
 @pytest.mark.skipif("cuda_available()", reason="checks the refusal on a machine without CUDA")

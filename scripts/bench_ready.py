@@ -1,0 +1,164 @@
+"""Start-up as an operator sees it, for scripts/bench.py --ready: `python -m runner` spawned
+for one pipeline and timed to its port's first answer (go-livepeer's first health check
+passes there) and to /health IDLE (the warm models loaded: go-livepeer hands the container
+back to its pool), against the floor any server of the same libraries pays, measured in the
+same rounds, alternated:
+
+- **library floor**: a bare process that imports the libraries and loads the same folders
+  with the plain library calls (scripts/bench_naive.py's loader for the pipeline, and the
+  safety checker where the pipeline checks images), from spawn to loaded. The bench's own
+  helpers (argument handling, naming the folders) are imported first and left out of it, so
+  the floor is a lower bound: the modules they share with the libraries (PIL, numpy,
+  pydantic) count for the runner only.
+- **runner's own** = runner IDLE - library floor: the web stack, the app, the lifecycle.
+
+/health is polled every `POLL_S`: polling much faster slows the start it measures, since each
+answer takes the GIL from the thread that is importing and loading.
+
+    python scripts/bench_ready.py --floor PIPELINE MODEL_DIR DEVICE [MODEL]   # the child
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.perf_counter()  # the floor child's first moment: what follows is its helpers'
+
+import json  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import urllib.request  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+SCRIPT = Path(__file__).resolve()
+ROOT = SCRIPT.parent.parent
+POLL_S = 0.1
+TIMEOUT_S = 600.0
+# bench.py's runner settings, as the runner reads them from its environment
+SETTING_VARIABLES = {"device": "DEVICE", "tiny": "TINY", "model_dir": "MODEL_DIR"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def health(port: int) -> str | None:
+    """/health's status, or None while nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+            return json.load(answer).get("status")
+    except OSError:
+        return None
+
+
+def runner_env(pipeline: str, model: str, settings: dict, port: int) -> dict[str, str]:
+    env = {**os.environ, "PIPELINE": pipeline, "HOST": "127.0.0.1", "PORT": str(port)}
+    for key, value in settings.items():
+        if key in SETTING_VARIABLES:
+            env[SETTING_VARIABLES[key]] = str(int(value) if isinstance(value, bool) else value)
+    if model:
+        env["MODEL_ID"] = model
+    return env
+
+
+def runner_start(pipeline: str, model: str, settings: dict) -> dict[str, Any]:
+    """Seconds from spawning `python -m runner` to its port's first answer and to IDLE."""
+    port = free_port()
+    with tempfile.TemporaryFile("w+") as log:
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "runner"], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT,
+                                env=runner_env(pipeline, model, settings, port))
+        try:
+            return watch(proc, port, started, log)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def watch(proc: subprocess.Popen, port: int, started: float, log: Any) -> dict[str, Any]:
+    answered = None
+    while time.perf_counter() - started < TIMEOUT_S:
+        status = health(port)
+        now = time.perf_counter() - started
+        if status is not None and answered is None:
+            answered = now
+        if status not in (None, "LOADING", "OK"):
+            return {"port_s": answered, "ready_s": now, "status": status}
+        if proc.poll() is not None:
+            log.seek(0)
+            return {"error": f"the runner exited with {proc.returncode}: "
+                    f"{log.read()[-400:]}"}
+        time.sleep(POLL_S)
+    return {"error": f"not ready within {TIMEOUT_S:.0f} s"}
+
+
+def library_floor(pipeline: str, model_dir: str, device: str, model: str) -> dict[str, Any]:
+    """Seconds from spawning the bare child to its models loaded, less its helpers' imports."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--floor", pipeline, model_dir, device, model],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        loaded = time.perf_counter() - started
+    finally:
+        proc.kill()  # its exit (tearing down torch) is no part of anyone's start-up
+        _, err = proc.communicate(timeout=30)
+    if not line:
+        return {"error": f"the library floor failed: {err[-400:]}"}
+    return {"floor_s": loaded - json.loads(line)["helpers_s"]}
+
+
+def measure(pipeline: str, model: str, settings: dict, model_dir: str, device: str,
+            rounds: int) -> dict[str, Any]:
+    """`rounds` alternated runner starts and library floors; medians and the spread."""
+    starts, floors = [], []
+    for _ in range(rounds):
+        starts.append(runner_start(pipeline, model, settings))
+        floors.append(library_floor(pipeline, model_dir, device, model))
+        for part in (starts[-1], floors[-1]):
+            if "error" in part:
+                return {"error": part["error"]}
+        if starts[-1]["status"] != "IDLE":
+            return {"error": f"start-up ended with /health {starts[-1]['status']}"}
+    port, ready = [s["port_s"] for s in starts], [s["ready_s"] for s in starts]
+    floor = [f["floor_s"] for f in floors]
+    return {"rounds": rounds, "poll_s": POLL_S, "port_s": port, "ready_s": ready,
+            "floor_s": floor,
+            "own_s": statistics.median(ready) - statistics.median(floor)}
+
+
+# -- the child: the plain libraries, nothing of the runner's serving ---------------------------
+
+def floor_child(pipeline: str, model_dir: str, device: str, model: str) -> None:
+    import bench_inputs
+    import bench_naive
+
+    from runner.registry import Registry
+    from runner.settings import Settings
+
+    context = bench_naive.context(pipeline, bench_inputs.Options(model=model),
+                                  Path(model_dir), device)
+    bench_inputs.sample(pipeline, context.options)  # the spec read: a helper, not a library
+    checker = Registry.load(Settings().models_file).safety_checker.main
+    checks = bench_inputs.spec_of(pipeline).checks_safety
+    helpers_s = time.perf_counter() - STARTED
+    bench_naive.NAIVE[pipeline](context)
+    if checks:
+        bench_naive.safety_checker(context.files.folder(checker.repo, checker.revision), device)
+    print(json.dumps({"helpers_s": helpers_s}), flush=True)
+    time.sleep(TIMEOUT_S)  # killed by the parent
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--floor"] or len(sys.argv) not in (5, 6):
+        sys.exit(__doc__.rsplit("\n\n", 1)[1])
+    floor_child(*sys.argv[2:5], sys.argv[5] if len(sys.argv) == 6 else "")
