@@ -39,6 +39,7 @@ SCRIPT = Path(__file__).resolve()
 ROOT = SCRIPT.parent.parent
 POLL_S = 0.1
 TIMEOUT_S = 600.0
+FLOOR_LINE = '{"helpers_s"'  # the child's one line, once its models are loaded
 # bench.py's runner settings, as the runner reads them from its environment
 SETTING_VARIABLES = {"device": "DEVICE", "tiny": "TINY", "model_dir": "MODEL_DIR"}
 
@@ -107,12 +108,14 @@ def library_floor(pipeline: str, model_dir: str, device: str, model: str) -> dic
         [sys.executable, str(SCRIPT), "--floor", pipeline, model_dir, device, model],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        line = proc.stdout.readline() if proc.stdout else ""
+        line = "-"
+        while proc.stdout and line and not line.startswith(FLOOR_LINE):  # skip library chatter
+            line = proc.stdout.readline()
         loaded = time.perf_counter() - started
     finally:
         proc.kill()  # its exit (tearing down torch) is no part of anyone's start-up
         _, err = proc.communicate(timeout=30)
-    if not line:
+    if not line.startswith(FLOOR_LINE):
         return {"error": f"the library floor failed: {err[-400:]}"}
     return {"floor_s": loaded - json.loads(line)["helpers_s"]}
 
