@@ -12,8 +12,7 @@ same rounds, alternated:
   pydantic) count for the runner only.
 - **runner's own** = runner IDLE - library floor: the web stack, the app, the lifecycle.
 
-/health is polled every `POLL_S`: polling much faster slows the start it measures, since each
-answer takes the GIL from the thread that is importing and loading.
+/health is polled every `POLL_S` (see `_common.spawned_runner`).
 
     python scripts/bench_ready.py --floor PIPELINE MODEL_DIR DEVICE [MODEL]   # the child
 """
@@ -26,17 +25,16 @@ STARTED = time.perf_counter()  # the floor child's first moment: what follows is
 
 import json  # noqa: E402
 import os  # noqa: E402
-import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import urllib.request  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+from _common import ROOT, spawned_runner  # noqa: E402
+
 SCRIPT = Path(__file__).resolve()
-ROOT = SCRIPT.parent.parent
 POLL_S = 0.1
 TIMEOUT_S = 600.0
 FLOOR_LINE = '{"helpers_s"'  # the child's one line, once its models are loaded
@@ -44,23 +42,8 @@ FLOOR_LINE = '{"helpers_s"'  # the child's one line, once its models are loaded
 SETTING_VARIABLES = {"device": "DEVICE", "tiny": "TINY", "model_dir": "MODEL_DIR"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def health(port: int) -> str | None:
-    """/health's status, or None while nothing answers."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
-            return json.load(answer).get("status")
-    except OSError:
-        return None
-
-
-def runner_env(pipeline: str, model: str, settings: dict, port: int) -> dict[str, str]:
-    env = {**os.environ, "PIPELINE": pipeline, "HOST": "127.0.0.1", "PORT": str(port)}
+def runner_env(pipeline: str, model: str, settings: dict) -> dict[str, str]:
+    env = {**os.environ, "PIPELINE": pipeline}
     for key, value in settings.items():
         if key in SETTING_VARIABLES:
             env[SETTING_VARIABLES[key]] = str(int(value) if isinstance(value, bool) else value)
@@ -71,34 +54,14 @@ def runner_env(pipeline: str, model: str, settings: dict, port: int) -> dict[str
 
 def runner_start(pipeline: str, model: str, settings: dict) -> dict[str, Any]:
     """Seconds from spawning `python -m runner` to its port's first answer and to IDLE."""
-    port = free_port()
     with tempfile.TemporaryFile("w+") as log:
-        started = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "runner"], cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT,
-                                env=runner_env(pipeline, model, settings, port))
         try:
-            return watch(proc, port, started, log)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-
-
-def watch(proc: subprocess.Popen, port: int, started: float, log: Any) -> dict[str, Any]:
-    answered = None
-    while time.perf_counter() - started < TIMEOUT_S:
-        status = health(port)
-        now = time.perf_counter() - started
-        if status is not None and answered is None:
-            answered = now
-        if status not in (None, "LOADING", "OK"):
-            return {"port_s": answered, "ready_s": now, "status": status}
-        if proc.poll() is not None:
+            with spawned_runner(runner_env(pipeline, model, settings), log, TIMEOUT_S,
+                                poll=POLL_S) as runner:
+                return {"port_s": runner.port_s, "ready_s": runner.ready_s}
+        except (RuntimeError, TimeoutError) as exc:
             log.seek(0)
-            return {"error": f"the runner exited with {proc.returncode}: "
-                    f"{log.read()[-400:]}"}
-        time.sleep(POLL_S)
-    return {"error": f"not ready within {TIMEOUT_S:.0f} s"}
+            return {"error": f"{exc}: {log.read()[-400:]}"}
 
 
 def library_floor(pipeline: str, model_dir: str, device: str, model: str) -> dict[str, Any]:
@@ -130,8 +93,6 @@ def measure(pipeline: str, model: str, settings: dict, model_dir: str, device: s
         for part in (starts[-1], floors[-1]):
             if "error" in part:
                 return {"error": part["error"]}
-        if starts[-1]["status"] != "IDLE":
-            return {"error": f"start-up ended with /health {starts[-1]['status']}"}
     port, ready = [s["port_s"] for s in starts], [s["ready_s"] for s in starts]
     floor = [f["floor_s"] for f in floors]
     return {"rounds": rounds, "poll_s": POLL_S, "port_s": port, "ready_s": ready,

@@ -28,9 +28,6 @@ import asyncio
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,7 +39,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from _common import ROOT
+from _common import spawned_runner
 
 from runner.errors import BUSY  # how a busy 500's message starts
 
@@ -258,58 +255,25 @@ def rss_sampler(pid: int | None, results: Results, interval: float = 0.05):
 
 # -- a spawned runner ------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the runner exited with {proc.returncode} before it was ready")
-        try:
-            status = httpx.get(f"{url}/health", timeout=2).json().get("status")
-            if status in HEALTHY:
-                return
-            if status == "ERROR":
-                raise RuntimeError("the runner reports /health ERROR")
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"the runner was not ready within {timeout:.0f} s")
-
-
 @contextmanager
-def spawned_runner(args: argparse.Namespace):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+def spawned(args: argparse.Namespace):
+    """A tiny-mode runner for the run: its url, pid and seconds to /health ready; its log is
+    printed when the start or the run fails, and kept with --keep-log."""
     env = {**os.environ, "PIPELINE": args.pipeline, "TINY": "1", "DEVICE": "cpu",
-           "HOST": "127.0.0.1", "PORT": str(port), "MAX_QUEUE": str(args.max_queue),
-           "AUTH_TOKEN": args.token or "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+           "MAX_QUEUE": str(args.max_queue), "AUTH_TOKEN": args.token or "",
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     if args.tiny_dir:
         env["TINY_DIR"] = str(args.tiny_dir)
     log = tempfile.NamedTemporaryFile("w+", prefix="runner-loadtest-", suffix=".log",
                                       delete=False)
-    proc = subprocess.Popen([sys.executable, "-m", "runner"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
     try:
-        started = time.monotonic()
-        wait_ready(url, proc, args.startup_timeout)
-        yield url, proc.pid, time.monotonic() - started
+        with spawned_runner(env, log, args.startup_timeout, ready=HEALTHY) as runner:
+            yield runner.url, runner.pid, runner.ready_s
     except BaseException:
         log.seek(0)
         print(log.read()[-4000:], file=sys.stderr)
         raise
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
         log.close()
         if not args.keep_log:
             os.unlink(log.name)
@@ -372,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Results()
     startup = None
     if args.spawn:
-        with spawned_runner(args) as (url, pid, startup):
+        with spawned(args) as (url, pid, startup):
             args.url = url
             with rss_sampler(pid, results):
                 asyncio.run(run_load(args, body, results))
