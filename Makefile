@@ -13,6 +13,12 @@ TTS_PY := $(TTS_VENV)/bin/python
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --no-cache-dir -c constraints.txt -e '.[$(EXTRAS)]'
+	# The sam2 package (SAM2's official .pt loader, tested here too) without the torchvision it
+	# declares: the reachable torchvision wheel is a CUDA build that breaks diffusers on this
+	# torch. sam2 is an sdist whose build imports torch: no build isolation, so it builds with
+	# the torch installed above instead of fetching another.
+	SAM2_BUILD_CUDA=0 $(VENV)/bin/pip install -q --no-cache-dir --no-build-isolation --no-deps \
+		-c constraints.txt sam2
 	$(PY) -c "import importlib.util as u, sys; sys.exit('torchvision must not be installed in the CPU env' if u.find_spec('torchvision') else 0)"
 	touch $@
 

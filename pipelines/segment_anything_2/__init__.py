@@ -12,8 +12,9 @@ Two loaders, by the entry's `kind` in models.yaml:
   ImageNet normalisation and the mask upsampling are done here, as the official predictor does
   them. This is the CPU tiny mode's loader too.
 - `sam2-pt`: the `sam2` package's SAM2ImagePredictor on an official `.pt` checkpoint and its
-  hydra yaml. It needs torchvision, so it runs only in the GPU image; the CPU environment never
-  exercises it.
+  hydra yaml. The package imports torchvision, so of the images only segment-anything-2's
+  serves it; the CPU test environment installs it without torchvision and stands in for the
+  three transforms it uses.
 The kind names the preferred format; a snapshot that lacks it but holds the other one (an
 operator's disk filled for the reference runner holds only the `.pt` and its yaml) is loaded
 with the other loader, and the log says so.
@@ -68,7 +69,7 @@ from pipelines.segment_anything_2._pt_backend import (
     official_model,
     official_predictor,
     one_file,
-    sam2_installed,
+    sam2_available,
 )
 from pipelines.segment_anything_2._segmenter import EmbeddingCache, Segmenter
 from pipelines.segment_anything_2._tiny import (
@@ -96,7 +97,7 @@ __all__ = [
     "OfficialSam2", "Prompts", "SegmentAnything2Params", "Segmenter", "TransformersSam2",
     "json_array", "json_numbers", "official_model", "official_predictor", "one_file",
     "parse_box", "parse_mask_input", "parse_point_coords", "parse_point_labels",
-    "parse_prompts", "sam2_installed", "snapshot_format", "tiny_parts",
+    "parse_prompts", "sam2_available", "snapshot_format", "tiny_parts",
     "tiny_transformers_model", "to_fractions", "transformers_model",
 ]
 
@@ -115,7 +116,7 @@ def snapshot_format(folder: Path, kind: str) -> str:
     sam2-pt, the sam2 package is installed), else the other format if present."""
     readable = {
         "sam2-hf": (folder / "config.json").is_file() and any(folder.glob("*.safetensors")),
-        "sam2-pt": any(folder.glob("*.pt")) and sam2_installed(),
+        "sam2-pt": any(folder.glob("*.pt")) and sam2_available(),
     }
     other = "sam2-pt" if kind == "sam2-hf" else "sam2-hf"
     if readable[kind]:
@@ -126,7 +127,8 @@ def snapshot_format(folder: Path, kind: str) -> str:
         return other
     if any(folder.glob("*.pt")):
         raise ModelLoadError(f"{folder} holds only an official .pt checkpoint, which needs the "
-                             "`sam2` package (GPU image); or download the Hugging Face format "
+                             "`sam2` package and torchvision (the segment-anything-2 image); or "
+                             "download the Hugging Face format "
                              "files (config.json, *.safetensors)")
     raise ModelLoadError(f"{folder} holds neither a Hugging Face format SAM2 (config.json, "
                          "*.safetensors) nor an official .pt checkpoint")

@@ -1,6 +1,6 @@
 """The `sam2-pt` loader: the `sam2` package's SAM2ImagePredictor on an official `.pt` checkpoint
-and its hydra yaml. It needs torchvision, so it runs only in the GPU image; the CPU environment
-never exercises it (only the yaml guard of `official_model`)."""
+and its hydra yaml. The package imports torchvision, so of the images only segment-anything-2's
+serves it; the CPU tests run it with a stand-in for torchvision's transforms."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from runner.registry import ModelEntry
 
 
 class OfficialSam2(Segmenter):
-    """The `sam2` package's SAM2ImagePredictor. GPU image only (the package needs torchvision);
-    nothing in the CPU test environment runs this class."""
+    """The `sam2` package's SAM2ImagePredictor (the segment-anything-2 image: the package needs
+    torchvision)."""
 
     def __init__(self, predictor: Any, model_id: str, device: Device, cache_size: int):
         model = predictor.model
@@ -56,8 +56,10 @@ class OfficialSam2(Segmenter):
         return masks.astype(np.float32), scores.astype(np.float32), low.astype(np.float32)
 
 
-def sam2_installed() -> bool:
-    return importlib.util.find_spec("sam2") is not None
+def sam2_available() -> bool:
+    """The sam2 package and the torchvision its image predictor imports are both installed
+    (the CPU environment has the package without torchvision)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("sam2", "torchvision"))
 
 
 def one_file(folder: Path, pattern: str, name: str | None) -> Path:
@@ -104,7 +106,7 @@ def _walk(node: Any) -> Iterator[tuple[Any, Any]]:
 
 
 def official_predictor(folder: Path, entry: ModelEntry, device: Device) -> Any:
-    """GPU image only. Weights stay float32 and run under bf16 autocast, the official recipe."""
+    """Weights stay float32 and run under bf16 autocast on CUDA, the official recipe."""
     import torch
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 

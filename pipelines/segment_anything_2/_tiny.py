@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipelines.segment_anything_2._pt_backend import official_model, sam2_installed
+from pipelines.segment_anything_2._pt_backend import official_model, sam2_available
 from runner.errors import ModelLoadError
 from runner.hub import writing_snapshot
 from runner.registry import ModelEntry
@@ -65,11 +65,12 @@ TINY_OFFICIAL_YAML = Path(__file__).with_name("tiny_official.yaml")
 
 def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
     """sam2-hf: a Hugging Face format snapshot. sam2-pt: the official layout (yaml + .pt with
-    {"model": state_dict}), which needs the sam2 package to build, so only in the GPU image."""
+    {"model": state_dict}), which needs the sam2 package to build."""
     if entry.kind == "sam2-pt":
-        if not sam2_installed():
+        if not sam2_available():
             raise ModelLoadError(f"{entry.id} (kind sam2-pt): a tiny official checkpoint needs "
-                                 "the `sam2` package, which is only in the GPU image")
+                                 "the `sam2` package and torchvision (the segment-anything-2 "
+                                 "image)")
         import torch
 
         torch.manual_seed(0)

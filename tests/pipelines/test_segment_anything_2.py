@@ -4,9 +4,9 @@ bodies as go-livepeer sends them (JSON arrays and booleans as strings)."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +20,7 @@ from runner.hub import ModelFiles, writing_snapshot
 from runner.registry import ModelEntry
 from runner.settings import Settings
 from tests.conftest import post_image, serving
+from tests.support import torchvision_transforms
 from tests.support.contract import assert_valid
 
 ROUTE = "/segment-anything-2"
@@ -258,7 +259,7 @@ def test_every_listed_model_builds_and_serves_in_tiny_mode(sam):
 
 
 def test_the_kind_picks_the_loader_and_the_snapshot_decides_when_it_lacks_that_format(
-        sam, tmp_path):
+        sam, tmp_path, monkeypatch):
     service = sam.app.state.service
     default = service.registry.default(sam2.NAME)
     files = ModelFiles(service.model_dir)
@@ -269,11 +270,16 @@ def test_the_kind_picks_the_loader_and_the_snapshot_decides_when_it_lacks_that_f
     with writing_snapshot(tmp_path, "someone/sam2-pt-only") as folder:
         (folder / "sam2_hiera_large.pt").write_bytes(b"")
     entry = ModelEntry(id="someone/sam2-pt-only", kind="sam2-hf", pipeline=sam2.NAME)
-    if importlib.util.find_spec("sam2") is None:
-        with pytest.raises(ModelLoadError, match="sam2"):
-            sam2.load(entry, ModelFiles(tmp_path), Device("cpu"))
-        with pytest.raises(ModelLoadError, match="sam2"):
-            sam2.build_tiny(entry.model_copy(update={"kind": "sam2-pt"}), tmp_path)
+    # Without the sam2 package (every image but segment-anything-2's), or with it but without
+    # torchvision (as `make install` leaves it), both say what is missing. A None in
+    # sys.modules is how Python marks a module as absent.
+    for absent in ("sam2", "torchvision"):
+        with monkeypatch.context() as patch:
+            patch.setitem(sys.modules, absent, None)
+            with pytest.raises(ModelLoadError, match="`sam2` package and torchvision"):
+                sam2.load(entry, ModelFiles(tmp_path), Device("cpu"))
+            with pytest.raises(ModelLoadError, match="`sam2` package and torchvision"):
+                sam2.build_tiny(entry.model_copy(update={"kind": "sam2-pt"}), tmp_path)
     with pytest.raises(ModelLoadError, match="unknown kind"):
         sam2.load(default.model_copy(update={"kind": "sam"}), files, Device("cpu"))
 
@@ -295,9 +301,11 @@ def test_a_move_leaves_no_tensor_of_the_model_behind(sam):
     assert model.embed(np.zeros((32, 48, 3), dtype=np.uint8))  # still works after the move
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sam2") is None,
-                    reason="the sam2 package (and torchvision) is only in the GPU image")
-def test_official_checkpoint_through_the_sam2_package(tmp_path):
+def test_official_checkpoint_through_the_sam2_package(tmp_path, monkeypatch):
+    """The sam2 package (installed by `make install`, without its torchvision) on an official-
+    layout .pt checkpoint and yaml; torchvision's three transforms are stood in for where the
+    real ones cannot load (tests/support/torchvision_transforms.py)."""
+    torchvision_transforms.provide(monkeypatch)
     entry = ModelEntry(id="facebook/sam2-hiera-large", kind="sam2-pt", pipeline=sam2.NAME)
     sam2.build_tiny(entry, tmp_path)
     files = ModelFiles(tmp_path)
