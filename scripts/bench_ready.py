@@ -38,15 +38,14 @@ SCRIPT = Path(__file__).resolve()
 POLL_S = 0.1
 TIMEOUT_S = 600.0
 FLOOR_LINE = '{"helpers_s"'  # the child's one line, once its models are loaded
-# bench.py's runner settings, as the runner reads them from its environment
-SETTING_VARIABLES = {"device": "DEVICE", "tiny": "TINY", "model_dir": "MODEL_DIR"}
 
 
 def runner_env(pipeline: str, model: str, settings: dict) -> dict[str, str]:
+    """The environment that gives `python -m runner` the Settings fields bench.py serves with
+    (each field's variable is its name in capitals)."""
     env = {**os.environ, "PIPELINE": pipeline}
-    for key, value in settings.items():
-        if key in SETTING_VARIABLES:
-            env[SETTING_VARIABLES[key]] = str(int(value) if isinstance(value, bool) else value)
+    env.update({key.upper(): str(int(value) if isinstance(value, bool) else value)
+                for key, value in settings.items()})
     if model:
         env["MODEL_ID"] = model
     return env
