@@ -14,7 +14,10 @@ not the run), each limited further by what is left of `--budget` seconds:
    5 steps), audio-to-text (Whisper large-v3, 60 s), SAM2-L, then SDXL-Lightning 4-step,
    image-to-image and image-to-video while time remains. Weights are built
    on the GPU into `--weights-dir` (default: /dev/shm, memory, where saving and reading them
-   back costs less than building them again).
+   back costs less than building them again);
+4. while time remains, start-up as a process (bench.py --ready): `python -m runner` with the
+   tiny text-to-image on this device, to its port's first answer and to IDLE, beside the bare
+   libraries importing and loading the same model.
 
 After every step OUT/gpu-check.json (every result) and OUT/gpu-check.md (the tables) are
 written again. `--rehearse` runs the same steps on the CPU with the tiny models (pytest -m gpu
@@ -104,7 +107,20 @@ def steps(args: argparse.Namespace, weights: Path) -> list[Step]:
                 command += ["--audio-seconds", "60"]
             env, limit = {}, (150 if pipeline == "image-to-video" else 100)
         out.append(Step(f"bench {name}", command, limit, json_path, env))
-    return out
+    return out + [start_up(args, weights)]
+
+
+def start_up(args: argparse.Namespace, weights: Path) -> Step:
+    """Last, while time remains: `python -m runner` spawned twice, to its port's first answer
+    and to IDLE, beside the bare libraries' floor (bench.py --ready), tiny text-to-image on
+    this machine's device: the runner's own start-up, CUDA's initialization included."""
+    json_path = args.out / "bench-start-up.json"
+    command = [sys.executable, "scripts/bench.py", "--requests", "1", "--cold-model", "",
+               "--pipeline", "text-to-image", "--ready", "2", "--json", str(json_path)]
+    env = {"TINY": "1", "TINY_DIR": str(weights if args.rehearse else weights / "tiny")}
+    if args.rehearse:
+        env.update(DEVICE="cpu", OMP_NUM_THREADS="1")
+    return Step("start-up", command, 60 if args.rehearse else 90, json_path, env)
 
 
 def run_step(step: Step, limit_s: float, log: Path) -> dict:

@@ -27,9 +27,13 @@ def test_the_gpu_check_rehearses_every_step(tmp_path):
     assert report["rehearse"] and report["environment"]["packages"]["torch"]
     steps = report["steps"]
     assert [s["step"] for s in steps] == ["gpu-tests"] + [f"bench {name}" for name, _, _
-                                                          in gpu_check.BENCH_RUNS]
+                                                          in gpu_check.BENCH_RUNS] + ["start-up"]
     assert steps[0]["status"] == "skipped: no CUDA here" and steps[0]["tests"] > 0
-    for step in steps[1:]:
+    start_up = steps[-1]
+    assert start_up["status"] == "ok", start_up
+    (run,) = start_up["report"]["runs"]
+    assert "error" not in run["ready"] and len(run["ready"]["ready_s"]) == 2, run["ready"]
+    for step in steps[1:-1]:
         assert step["status"] == "ok", step
         (run,) = step["report"]["runs"]
         assert run["first"]["status"] == 200 and run["naive"]["steady_ms"], run
@@ -40,3 +44,4 @@ def test_the_gpu_check_rehearses_every_step(tmp_path):
     tables = (out / "gpu-check.md").read_text()
     assert "| gpu-tests | skipped: no CUDA here" in tables
     assert tables.count("Naive baseline") == len(gpu_check.BENCH_RUNS)
+    assert "Start-up as a process" in tables
