@@ -76,6 +76,8 @@ def create_app(settings: Settings | None = None,
         await service.drain()  # where no SIGTERM began it (a test client, an embedding app)
         for task in background:
             task.cancel()
+        if registrar is not None:
+            await registrar.close()
         await service.close()
 
     app = FastAPI(title="Livepeer AI Runner", description="An application to run AI pipelines",

@@ -90,6 +90,14 @@ def price_info(settings: Settings) -> PriceInfo:
     return PriceInfo(price=format(price.normalize(), "f"), unit=settings.live_price_unit)
 
 
+def describe(settings: Settings, app: str, found: GPU | None) -> dict[str, Any]:
+    """What every registration of `app` says of itself, in the static file and in each
+    heartbeat alike."""
+    return {"label": f"{settings.live_label}{app}", "app": app, "version": settings.version,
+            "mode": MODE, "price_info": price_info(settings).model_dump(),
+            **({"gpu": found.model_dump()} if found is not None else {})}
+
+
 class LiveSessions:
     """ASGI middleware: the orchestrator sessions in hand per route path (the proxy adds
     `Livepeer-Session-Id` to every request it forwards), for the capacity and `session_ids` of
@@ -134,7 +142,10 @@ class Registrar:
     settings: Settings
     service: Service
     sessions: dict[str, set[str]] = field(default_factory=dict)
-    client: httpx.AsyncClient | None = None
+    # one client for the registrar's life: its connection to the orchestrator is reused
+    # by every heartbeat instead of opened again each time
+    client: httpx.AsyncClient = field(
+        default_factory=lambda: httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S))
     registrations: list[Registration] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -166,16 +177,13 @@ class Registrar:
     def heartbeat(self, reg: Registration) -> dict[str, Any]:
         capacity = self.capacity(reg.app)
         body: dict[str, Any] = {
-            "runner_url": self.settings.live_runner_url.rstrip("/"), "app": reg.app,
-            "mode": MODE, "capacity": capacity, "status": self.status(reg.app, capacity),
-            "version": self.settings.version, "label": f"{self.settings.live_label}{reg.app}",
-            "price_info": price_info(self.settings).model_dump(),
+            **describe(self.settings, reg.app, self.gpu),
+            "runner_url": self.settings.live_runner_url.rstrip("/"), "capacity": capacity,
+            "status": self.status(reg.app, capacity),
             "session_ids": sorted(self.sessions.get(f"/{reg.app}", ())),
         }
         if reg.runner_id:
             body["runner_id"] = reg.runner_id
-        if self.gpu is not None:
-            body["gpu"] = self.gpu.model_dump()
         return body
 
     # -- the protocol ----------------------------------------------------------------------
@@ -220,13 +228,8 @@ class Registrar:
         self._note(reg, f"unregistered ({answer.status_code})")
 
     async def _post(self, path: str, auth: str, body: dict | None) -> httpx.Response:
-        client = self.client or httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S)
-        try:
-            return await client.post(self.orchestrator + path, json=body,
-                                     headers={"Authorization": auth})
-        finally:
-            if client is not self.client:
-                await client.aclose()
+        return await self.client.post(self.orchestrator + path, json=body,
+                                      headers={"Authorization": auth})
 
     def _note(self, reg: Registration, state: str) -> None:
         """Log a registration's state when it changes, not on every beat."""
@@ -258,6 +261,10 @@ class Registrar:
             if isinstance(result, Exception):
                 self._note(reg, f"unregister failed: {type(result).__name__}")
 
+    async def close(self) -> None:
+        """At shutdown, once the heartbeats are stopped and the registrations withdrawn."""
+        await self.client.aclose()
+
 
 def static_config(settings: Settings, service: Service) -> dict[str, Any]:
     """go-livepeer's `-liveRunnerConfig` file for this runner: one single-shot entry per
@@ -266,11 +273,9 @@ def static_config(settings: Settings, service: Service) -> dict[str, Any]:
     base = (settings.live_runner_url or f"http://localhost:{settings.port}").rstrip("/")
     found = gpu(service)
     return {"runners": [{
-        "label": f"{settings.live_label}{name}", "routing": "runner-id", "runner_url": base,
-        "health_url": f"{base}/ready", "healthy_status_code": 200, "app": name,
-        "version": settings.version, "mode": MODE, "capacity": service.room(name, idle=True),
-        "price_info": price_info(settings).model_dump(),
-        **({"gpu": found.model_dump()} if found is not None else {}),
+        **describe(settings, name, found), "routing": "runner-id", "runner_url": base,
+        "health_url": f"{base}/ready", "healthy_status_code": 200,
+        "capacity": service.room(name, idle=True),
     } for name in service.specs]}
 
 
