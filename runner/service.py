@@ -20,7 +20,6 @@ from runner.cache import ModelCache, Reservation
 from runner.context import RunContext
 from runner.device import Device
 from runner.executor import Executor, Lane
-from runner.hub import ModelFiles
 from runner.lifecycle import Models
 from runner.middleware import Count
 from runner.registry import ModelEntry, Registry
@@ -101,9 +100,6 @@ class Service:
 
     def on_demand(self) -> list[ModelEntry]:
         return self.models.on_demand()
-
-    def _files(self, entry: ModelEntry) -> ModelFiles:
-        return self.models.files(entry)
 
     @property
     def ready(self) -> bool:

@@ -253,7 +253,7 @@ def test_every_listed_model_builds_and_serves_in_tiny_mode(sam):
         out = segment(sam, model_id=entry.id, **POINT)
         assert out["masks"].shape == (3, HEIGHT, WIDTH)
     # The tiny snapshots are in the layout of facebook/sam2.1-*: the video model's config.
-    config = json.loads((service._files(entry).folder(entry.main.repo) / "config.json")
+    config = json.loads((service.models.files(entry).folder(entry.main.repo) / "config.json")
                         .read_text())
     assert config["model_type"] == "sam2_video"
 
