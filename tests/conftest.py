@@ -14,7 +14,6 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import base64
 import importlib.util
 import io
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ from runner.app import create_app
 from runner.settings import Settings
 from runner.spec import discover
 from tests.support import echo_pipeline
+from tests.support.helpers import free_port
 
 SUPPORT = Path(__file__).parent / "support"
 ECHO_MODELS = SUPPORT / "echo_models.yaml"
@@ -133,9 +133,7 @@ class LiveServer:
     """A real uvicorn server on a free loopback port, in a thread."""
 
     def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                     log_level="warning"))

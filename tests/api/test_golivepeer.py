@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from tests.conftest import echo_modules, echo_settings, png_bytes, wait_ready
 from tests.support import golivepeer
 from tests.support.contract import contract
 from tests.support.golivepeer import ContainerWatch, Health
+from tests.support.helpers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PNG = ("a.png", png_bytes(), "image/png")
@@ -204,11 +204,6 @@ def test_llm_streams_carry_no_ping_comments_and_v1_keeps_them(tmp_path_factory, 
 
 
 # -- start-up ---------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_missing_default_model_exits_once_before_binding_with_the_download_command(tmp_path):

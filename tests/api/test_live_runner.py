@@ -34,6 +34,7 @@ from runner.app import build_service, create_app
 from runner.settings import Settings
 from tests.conftest import LiveServer, png_bytes
 from tests.support import echo_pipeline, golivepeer
+from tests.support.helpers import free_port
 from tests.support.live_orchestrator import Beat, LiveOrchestrator, static_config_problems
 
 TWIN = "echo-twin"
@@ -433,11 +434,7 @@ def test_sigterm_withdraws_the_registration_before_the_process_exits(tiny_dir, t
     """SIGTERM on `python -m runner`: the registration is withdrawn, and the answer read,
     before the process exits 0 within go-livepeer's 8 s, even where the orchestrator takes a
     second to answer the unregister (the heartbeat TTL is longer than that here)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     double = LiveOrchestrator(secret=SECRET, interval="200ms", ttl="10s", unregister_delay=1.0)
     with double.serve(), open(tmp_path / "runner.log", "w+") as log:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LIVE_")}

@@ -2,7 +2,6 @@
 models load, tiny mode on a machine without a GPU, unknown optimisation flags tolerated."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,12 +11,7 @@ import pytest
 
 from tests.conftest import decode_png_url, png_bytes, wait_ready
 from tests.support import golivepeer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support.helpers import free_port
 
 
 class Runner(tuple):

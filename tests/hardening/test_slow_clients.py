@@ -19,6 +19,7 @@ from runner.__main__ import server_config
 from runner.app import create_app
 from tests.conftest import echo_modules, echo_settings, wait_ready
 from tests.hardening import support
+from tests.support.helpers import free_port
 
 HEAD = b"POST /echo-image HTTP/1.1\r\nHost: x\r\n"
 
@@ -26,9 +27,7 @@ HEAD = b"POST /echo-image HTTP/1.1\r\nHost: x\r\n"
 @contextmanager
 def runner_server(make_settings, **overrides) -> Iterator[tuple[str, object]]:
     """The echo pipeline behind uvicorn with the runner's own server config, on a free port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     settings = echo_settings(make_settings, host="127.0.0.1", port=port, **overrides)
     app = create_app(settings, echo_modules())
     config = server_config(app, settings)

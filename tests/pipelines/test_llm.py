@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from runner.settings import Settings
 from tests.conftest import serving, wait_ready
 from tests.support import golivepeer
 from tests.support.contract import assert_valid
-from tests.support.helpers import daemon_vram
+from tests.support.helpers import daemon_vram, free_port
 from tests.support.ollama_double import REPLY, OllamaDouble, tokens
 
 DEFAULT = "meta-llama/Meta-Llama-3.1-8B-Instruct"
@@ -333,9 +332,7 @@ def test_ollama_needs_no_weights_on_disk(tmp_path, monkeypatch, double):
 
 
 def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def test_ollama_daemon_down(tmp_path_factory, monkeypatch, double):

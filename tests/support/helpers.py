@@ -4,6 +4,7 @@ never calls them, so they live here, each taking the product object as its first
 from __future__ import annotations
 
 import base64
+import socket
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +15,13 @@ from runner.executor import Executor, Lane
 from runner.registry import ModelEntry
 
 T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (the OS's pick; free until someone binds it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def decode_data_url(url: str) -> tuple[str, bytes]:

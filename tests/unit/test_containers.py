@@ -11,7 +11,6 @@ import pkgutil
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from runner.registry import Registry
 from runner.settings import OPTIMISATION_FLAGS, REPO_ROOT, Settings
 from runner.spec import discover
 from tests.support import golivepeer
+from tests.support.helpers import free_port
 
 
 def load(path: Path):
@@ -619,11 +619,6 @@ sys.exit(7)
 '
 """
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
