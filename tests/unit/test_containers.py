@@ -491,6 +491,67 @@ def test_image_helpers(tmp_path, monkeypatch):
         image_requirements.requirements(REPO_ROOT / "pyproject.toml", ["gpu-magic"])
 
 
+def test_the_build_check_fails_on_a_runtime_import_the_image_lacks(tmp_path):
+    """The class of defect that once shipped four images that exit at start (httpx, which
+    runner/live.py imports, was only in the dev extra): the build-time check imports every
+    runner module and builds the app for each served pipeline, so a missing import fails the
+    build. Here httpx is shadowed by a module that cannot be imported."""
+    (tmp_path / "httpx.py").write_text("raise ModuleNotFoundError(\"No module named 'httpx'\")")
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "docker" / "check_image.py"), "--constraints",
+         str(REPO_ROOT / "constraints.txt"), "image-to-text"],
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1
+    assert "runner.live does not import: ModuleNotFoundError" in done.stderr
+    assert "the app cannot be built serving image-to-text" in done.stderr
+
+
+def test_runtime_imports_are_declared_where_the_images_install_from():
+    """Every third-party package that a runner/ module imports when it is imported (at the top
+    level, as runner/live.py imports httpx) is a dependency of the project itself, which every
+    image installs, not of an extra such as dev. Imports inside functions belong to the
+    pipelines that use them (diffusers for the safety checker) and come with their extras."""
+    import importlib.metadata as metadata
+
+    declared = {canonicalize_name(Requirement(r).name)
+                for r in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+                ["project"]["dependencies"]}
+    distributions = metadata.packages_distributions()
+    imported = set()
+    for path in (REPO_ROOT / "runner").glob("*.py"):
+        imported |= set(re.findall(r"^(?:from|import) ([a-zA-Z_][a-zA-Z0-9_]*)",
+                                   path.read_text(), re.MULTILINE))
+    third_party = {name for name in imported - set(sys.stdlib_module_names)
+                   if name not in ("runner", "pipelines", "__future__")}
+    undeclared = {}
+    for name in third_party:
+        dists = {canonicalize_name(d) for d in distributions.get(name, [name])}
+        if not dists & declared and not any(d in declared_by(declared) for d in dists):
+            undeclared[name] = sorted(dists)
+    assert not undeclared, f"runner/ imports packages pyproject.toml does not depend on: " \
+                           f"{undeclared}"
+
+
+def declared_by(declared: set[str]) -> set[str]:
+    """The declared dependencies and what they require in turn (fastapi brings starlette)."""
+    import importlib.metadata as metadata
+
+    seen, todo = set(), list(declared)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        todo += [canonicalize_name(Requirement(r).name) for r in requires
+                 if "extra ==" not in r]
+    return seen
+
+
 # -- docker-bake.hcl -----------------------------------------------------------------------------
 
 def test_bake_builds_every_image_with_family_version_tags():
