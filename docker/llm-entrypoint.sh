@@ -6,6 +6,10 @@
 #   3. run the command; when either process exits, stop the other and exit, so Docker's (or
 #      go-livepeer's) restart policy brings the pair back: the command's status when it ended
 #      first, a failure when the daemon died under it.
+#   SIGTERM (docker stop, go-livepeer's stop): the command alone first, so the runner finishes
+#   its requests in flight, which still need the daemon; once it has exited the daemon is
+#   stopped, and the container exits with the command's status (0 after a graceful shutdown).
+#   The signal is passed on once: a second SIGTERM makes uvicorn drop what is in flight.
 set -uo pipefail
 
 : "${OLLAMA_HOST:=http://127.0.0.1:11434}"
@@ -30,18 +34,19 @@ fi
 
 stopping=""
 command_pid=""
-stop() {
+on_signal() {
+  [ -n "$stopping" ] && return
   stopping=1
-  kill -TERM "$ollama_pid" ${command_pid:+"$command_pid"} 2>/dev/null
+  kill -TERM "${command_pid:-$ollama_pid}" 2>/dev/null
 }
-trap stop TERM INT
+trap on_signal TERM INT
 
 ollama serve &
 ollama_pid=$!
 
 deadline=$((SECONDS + ${OLLAMA_START_TIMEOUT:-60}))
 until curl -fsS --max-time 2 "$url/api/version" >/dev/null 2>&1; do
-  if [ -n "$stopping" ]; then wait; exit 143; fi
+  if [ -n "$stopping" ]; then wait "$ollama_pid"; exit 143; fi
   if ! kill -0 "$ollama_pid" 2>/dev/null; then
     echo "llm-entrypoint: ollama serve exited during start-up" >&2
     exit 1
@@ -57,26 +62,25 @@ done
 
 "$@" &
 command_pid=$!
+# A signal in the instant before command_pid was set went to the daemon: pass it on.
+if [ -n "$stopping" ]; then kill -TERM "$command_pid" 2>/dev/null; fi
 
 # `wait -n` also returns when a trapped signal arrives: wait again until a child has exited.
 while :; do
   wait -n -p exited "$ollama_pid" "$command_pid"
   status=$?
-  if [ -n "${exited:-}" ] || [ -n "$stopping" ]; then break; fi
+  if [ -n "${exited:-}" ]; then break; fi
 done
 
-if [ -n "$stopping" ]; then
-  stop
-  wait
-  exit 143
-fi
 if [ "$exited" = "$ollama_pid" ]; then
   echo "llm-entrypoint: ollama serve exited (status $status); stopping $1" >&2
   kill -TERM "$command_pid" 2>/dev/null
-  wait
+  wait "$command_pid"
   exit $((status == 0 ? 1 : status))
 fi
-echo "llm-entrypoint: $1 exited (status $status); stopping ollama serve" >&2
+if [ -z "$stopping" ]; then
+  echo "llm-entrypoint: $1 exited (status $status); stopping ollama serve" >&2
+fi
 kill -TERM "$ollama_pid" 2>/dev/null
-wait
+wait "$ollama_pid"
 exit "$status"

@@ -11,9 +11,11 @@ import pkgutil
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import tomllib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -695,13 +697,17 @@ def fake_ollama(tmp_path):
     (bin_dir / "ollama").write_text(FAKE_OLLAMA.format(python=sys.executable))
     (bin_dir / "ollama").chmod(0o755)
 
-    def start(*command: str, lifetime: float = 30):
+    def start(*command: str, lifetime: float = 30, background: bool = False,
+              env: dict[str, str] | None = None):
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
                "OLLAMA_HOST": f"http://127.0.0.1:{free_port()}",
                "OLLAMA_MODELS": str(tmp_path / "models" / "ollama"),
-               "FAKE_LIFETIME": str(lifetime)}
-        return subprocess.run(["bash", str(REPO_ROOT / "docker" / "llm-entrypoint.sh"),
-                               *command], env=env, capture_output=True, text=True, timeout=60)
+               "FAKE_LIFETIME": str(lifetime), **(env or {})}
+        argv = ["bash", str(REPO_ROOT / "docker" / "llm-entrypoint.sh"), *command]
+        if background:
+            return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
 
     return start
 
@@ -717,6 +723,65 @@ def test_entrypoint_stops_the_runner_when_the_daemon_dies(fake_ollama):
     done = fake_ollama("sleep", "30", lifetime=1.5)
     assert done.returncode == 7
     assert "ollama serve exited (status 7); stopping sleep" in done.stderr
+
+
+# A runner stand-in: on SIGTERM it counts the signals it gets, asks the daemon once more (a
+# request in flight still needs it), and exits 0 as the runner does after a graceful shutdown.
+GRACEFUL = """
+on_term() { echo term >> "$SIGNALS"; }
+trap on_term TERM
+echo started > "$SIGNALS"
+while [ "$(wc -l < "$SIGNALS")" -lt 2 ]; do sleep 0.1; done
+sleep 0.5
+curl -fsS --max-time 2 "$OLLAMA_HOST/api/version" > /dev/null || exit 9
+exit 0
+"""
+
+
+def test_entrypoint_passes_sigterm_to_the_runner_once_and_exits_with_its_status(
+        fake_ollama, tmp_path):
+    """docker stop / go-livepeer's stop: the runner gets one SIGTERM (a second makes uvicorn
+    drop requests in flight), the daemon stays up until the runner has finished, and the
+    container exits 0 after the runner's graceful shutdown."""
+    signals = tmp_path / "signals"
+    proc = fake_ollama("bash", "-c", GRACEFUL, background=True,
+                       env={"SIGNALS": str(signals)})
+    while not (signals.exists() and signals.read_text().startswith("started")):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert signals.read_text().split() == ["started", "term"]
+    assert "stopping ollama serve" not in err
+
+
+def test_the_image_checks_ollama_stand_in_serves_and_stops(tmp_path):
+    """docker/standin/ollama, the `ollama` the image check builds the llm image with: `ollama
+    serve` answers the daemon's liveness route on OLLAMA_HOST and exits 0 on SIGTERM."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "docker" / "standin" / "ollama"),
+                             "serve"], env={**os.environ, "OLLAMA_HOST": f"127.0.0.1:{port}"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/api/version", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        assert answer.status_code == 200 and answer.json()["version"].endswith("standin")
+        assert httpx.get(f"http://127.0.0.1:{port}/api/tags").json() == {"models": []}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    refused = subprocess.run([sys.executable, str(REPO_ROOT / "docker" / "standin" / "ollama"),
+                              "pull", "llama3.1:8b"], capture_output=True, text=True)
+    assert refused.returncode == 1 and "not supported" in refused.stderr
 
 
 def test_entrypoint_refuses_a_model_store_it_cannot_write_in_one_line():
