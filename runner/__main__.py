@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -92,6 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     if problems := app.state.service.file_problems():
         sys.exit(refuse_to_start(problems, app.state.service.model_dir))
     Server(server_config(app, settings), on_signal=lambda: begin_drain(app)).run()
+    # The models are unloaded and the port closed: what is left is the interpreter's own
+    # teardown, whose full garbage collection walks every object torch, transformers and
+    # diffusers made (about 2 s on 2 cores, measured in the image check), eating into the 8 s
+    # go-livepeer waits after SIGTERM. Nothing left needs collecting: freeze it all instead.
+    gc.freeze()
 
 
 def begin_drain(app: FastAPI) -> None:
