@@ -7,7 +7,7 @@ PIPELINE ?= all
 PY := $(VENV)/bin/python
 TTS_PY := $(TTS_VENV)/bin/python
 
-.PHONY: install install-tts serve serve-tts test test-gpu lint openapi tiny-models
+.PHONY: install install-tts serve serve-tts test test-gpu lint image-check openapi tiny-models
 
 # torch comes from constraints.txt in this same pip command, so pip never reaches for CUDA wheels.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -54,6 +54,11 @@ test-gpu: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+# Every image of docker/Dockerfile built with podman (no Docker daemon; installed from Debian's
+# packages when missing) and run as go-livepeer runs it, in CPU tiny mode (docs/deploy.md).
+image-check: install
+	VENV=$(VENV) scripts/image_check.sh $(IMAGE_CHECK_ARGS)
 
 openapi: install
 	$(PY) scripts/gen_openapi.py

@@ -48,6 +48,7 @@ image_requirements = load(REPO_ROOT / "docker" / "requirements.py")
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
 BAKE = REPO_ROOT / "docker-bake.hcl"
 COMPOSE = REPO_ROOT / "compose.yaml"
+CPU_COMPOSE = REPO_ROOT / "compose.cpu.yaml"
 EXAMPLES = REPO_ROOT / "docs" / "examples"
 REGISTRY = Registry.load(REPO_ROOT / "models.yaml")
 MODULES = discover(installed_only=False)
@@ -608,6 +609,33 @@ def test_compose_env_values_are_valid_settings(monkeypatch):
             monkeypatch.setenv(key, compose_value(str(value)))
         settings = Settings()
         assert settings.pipeline == service["environment"]["PIPELINE"], name
+
+
+def test_the_cpu_override_runs_every_service_in_tiny_mode_without_a_gpu(monkeypatch):
+    """compose.cpu.yaml merged over compose.yaml by podman-compose's own merge (the image check
+    brings the set up this way): every service keeps its pipeline and model, drops the GPU
+    reservation, and its settings say CPU and tiny mode; the llm runs its tiny model on
+    transformers with an Ollama store it can write."""
+    import podman_compose  # registers the !reset and !override tags with the safe loader
+
+    cpu = yaml.safe_load(CPU_COMPOSE.read_text())
+    merged = podman_compose.rec_merge({}, podman_compose.normalize(yaml.safe_load(
+        COMPOSE.read_text())), podman_compose.normalize(cpu))["services"]
+    assert set(merged) == set(SERVICES)
+    for name, service in merged.items():
+        assert "deploy" not in service, name
+        env = {k: compose_value(str(v)) for k, v in service["environment"].items()}
+        assert set(env) <= KNOWN_ENV | {"OMP_NUM_THREADS"}, name
+        assert env["PIPELINE"] == SERVICES[name]["environment"]["PIPELINE"]
+        assert env["MODEL_ID"] == SERVICES[name]["environment"]["MODEL_ID"]
+        for key in SETTINGS_ENV:
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        settings = Settings()
+        assert (settings.device, settings.tiny) == ("cpu", True), name
+    llm = merged["llm"]["environment"]
+    assert llm["LLM_BACKEND"] == "transformers" and llm["OLLAMA_MODELS"].startswith("/tmp/")
 
 
 # -- go-livepeer examples ------------------------------------------------------------------------
