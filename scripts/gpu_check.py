@@ -44,6 +44,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "fastapi",
             "starlette", "pydantic", "av", "numpy", "pillow", "nvidia-ml-py", "peft")
 RESERVE_S = 15  # left at the end of the budget for writing the report
+# The rehearsal proves the steps run, not how fast this CPU is: its limits are many times what
+# each step takes on a quiet 2-core machine (under a minute), so a busy or slower machine
+# cannot fail it.
+REHEARSAL_LIMIT_S = 600
+REHEARSAL_BUDGET_S = 3000
 
 
 @dataclass
@@ -88,7 +93,7 @@ def steps(args: argparse.Namespace, weights: Path) -> list[Step]:
     gpu_tests = Step("gpu-tests", [python, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu",
                                    "-p", "no:cacheprovider",
                                    f"--junitxml={args.out / 'gpu-tests.xml'}"],
-                     limit_s=60 if args.rehearse else 120)
+                     limit_s=REHEARSAL_LIMIT_S if args.rehearse else 120)
     out = [gpu_tests]
     requests = str(args.requests or (1 if args.rehearse else 3))
     for name, pipeline, model in BENCH_RUNS:
@@ -100,7 +105,7 @@ def steps(args: argparse.Namespace, weights: Path) -> list[Step]:
         if args.rehearse:
             env = {"TINY": "1", "DEVICE": "cpu", "TINY_DIR": str(weights),
                    "OMP_NUM_THREADS": "1"}
-            limit = 60
+            limit = REHEARSAL_LIMIT_S
         else:
             command += ["--full-size", "--weights-dir", str(weights)]
             if pipeline == "audio-to-text":
@@ -120,7 +125,7 @@ def start_up(args: argparse.Namespace, weights: Path) -> Step:
     env = {"TINY": "1", "TINY_DIR": str(weights if args.rehearse else weights / "tiny")}
     if args.rehearse:
         env.update(DEVICE="cpu", OMP_NUM_THREADS="1")
-    return Step("start-up", command, 60 if args.rehearse else 90, json_path, env)
+    return Step("start-up", command, REHEARSAL_LIMIT_S if args.rehearse else 90, json_path, env)
 
 
 def run_step(step: Step, limit_s: float, log: Path) -> dict:
@@ -232,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(ROOT / "scripts"))
     args.out.mkdir(parents=True, exist_ok=True)
-    budget = args.budget or (280.0 if args.rehearse else 450.0)
+    budget = args.budget or (REHEARSAL_BUDGET_S if args.rehearse else 450.0)
     deadline = time.monotonic() + budget
     weights = args.weights_dir or default_weights_dir(args.rehearse, args.out)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

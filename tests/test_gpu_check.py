@@ -21,7 +21,8 @@ def test_the_gpu_check_rehearses_every_step(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no-wheels")}
     proc = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--rehearse"],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=gpu_check.REHEARSAL_BUDGET_S + 600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "gpu-check.json").read_text())
     assert report["rehearse"] and report["environment"]["packages"]["torch"]
