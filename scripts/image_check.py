@@ -46,7 +46,7 @@ from typing import Any
 
 import httpx
 import yaml
-from _common import ROOT, Registry, free_port  # the repo on sys.path, for `import runner`
+from _common import ROOT, Registry, free_port, health_status  # puts the repo on sys.path
 from bench_inputs import Call, Options, defaults, request
 from jsonschema import Draft202012Validator
 from referencing import Registry as SchemaRegistry
@@ -233,20 +233,22 @@ class Container:
         podman("rm", "-f", "-t", "0", self.name, check=False)
 
 
-def mounts(target: str, models: Path, store: Path) -> list[str]:
-    """/models read-only; the llm image's Ollama store is the one folder it may write
-    (docs/deploy.md), and only that folder."""
+def mounts(tag: str, models: Path, store: Path) -> list[str]:
+    """/models read-only; an image that keeps an Ollama store under it (OLLAMA_MODELS, the llm
+    image) gets that one folder writable (docs/deploy.md), and only that folder."""
     args = ["-v", f"{models}:/models:ro"]
-    if target == "llm":
-        args += ["-v", f"{store}:/models/ollama"]
+    if (ollama := image_env(tag).get("OLLAMA_MODELS", "")).startswith("/models/"):
+        args += ["-v", f"{store}:{ollama}"]
     return args
 
 
-def tiny_env(pipeline: str) -> list[str]:
+def tiny_env(tag: str, pipeline: str) -> list[str]:
+    """go-livepeer's PIPELINE and MODEL_ID, and the CPU tiny mode. An image that picks an LLM
+    backend (LLM_BACKEND=ollama) serves its tiny model on transformers; its daemon still runs."""
     env = {"PIPELINE": pipeline, "MODEL_ID": default_model(pipeline), "DEVICE": "cpu",
            "TINY": "1", "OMP_NUM_THREADS": "1"}
-    if pipeline == "llm":
-        env["LLM_BACKEND"] = "transformers"  # the tiny mode's backend; the daemon still runs
+    if "LLM_BACKEND" in image_env(tag):
+        env["LLM_BACKEND"] = "transformers"
     return [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
 
 
@@ -272,17 +274,10 @@ def started(name: str, tag: str, args: list[str], keep: bool) -> Iterator[Contai
             box.remove()
 
 
-def health(url: str, path: str = "/health") -> str | None:
-    try:
-        return httpx.get(url + path, timeout=4).json().get("status")
-    except (httpx.HTTPError, ValueError):
-        return None
-
-
 def wait_idle(box: Container) -> str:
     started_at = time.monotonic()
     while time.monotonic() - started_at < START_TIMEOUT_S:
-        status = health(box.url)
+        status = health_status(box.url)
         if status == "IDLE":
             return f"IDLE after {time.monotonic() - started_at:.0f} s"
         if status == "ERROR" or not box.state()["Running"]:
@@ -401,7 +396,7 @@ def stops_gracefully(box: Container, pipeline: str) -> str:
     head, body = raw_request(sample_call(pipeline), box.port)
     with socket.create_connection(("127.0.0.1", box.port), timeout=REQUEST_TIMEOUT_S) as sock:
         sock.sendall(head + body[:len(body) // 2])
-        until(lambda: health(box.url) == "OK", "the request in flight (/health OK)")
+        until(lambda: health_status(box.url) == "OK", "the request in flight (/health OK)")
         signalled = time.monotonic()
         podman("kill", "--signal", "TERM", box.name)
         until(lambda: drain_began(box), "the runner to begin draining", limit=STOP_LIMIT_S)
@@ -438,7 +433,7 @@ def refuses_without_models(tag: str, target: str, models: Path, store: Path) -> 
     pipeline = image_env(tag)["PIPELINE"]
     podman("rm", "-f", name, check=False)
     podman("run", "-d", "--name", name, "--read-only", "--tmpfs", "/tmp",
-           *mounts(target, models, store), "-e", f"PIPELINE={pipeline}",
+           *mounts(tag, models, store), "-e", f"PIPELINE={pipeline}",
            "-e", f"MODEL_ID={default_model(pipeline)}", tag)
     try:
         code = podman("wait", name, timeout=EXIT_TIMEOUT_S).stdout.strip().splitlines()[-1]
@@ -494,7 +489,7 @@ def compose_idle(work: Path) -> str:
         waiting = compose_ports()
         while waiting and time.monotonic() - started_at < START_TIMEOUT_S:
             for name, port in list(waiting.items()):
-                status = health(f"http://127.0.0.1:{port}")
+                status = health_status(f"http://127.0.0.1:{port}")
                 if status == "IDLE":
                     del waiting[name]
                 elif status == "ERROR":
@@ -566,8 +561,8 @@ def check_image(target: str, report: Report, work: Path, contract: Contract,
     models, store = work / "models", work / "ollama-store"
     default = image_env(tag)["PIPELINE"]
     for pipeline in served:
-        with started(f"image-check-{pipeline}", tag, mounts(target, models, store)
-                     + tiny_env(pipeline), keep) as box:
+        with started(f"image-check-{pipeline}", tag, mounts(tag, models, store)
+                     + tiny_env(tag, pipeline), keep) as box:
             subject = f"{target}/{pipeline}"
             if not report.check(subject, "/health IDLE", lambda box=box: wait_idle(box)):
                 continue
@@ -616,8 +611,7 @@ def main() -> int:
     built = chosen
     if not args.no_build:
         base = standin_base(args.work)
-        if "llm" in chosen:
-            report.check("ollama/ollama", "stand-in image", standin_ollama)
+        report.check("ollama/ollama", "stand-in image", standin_ollama)
         built = [t for t in chosen
                  if report.check(t, "build", lambda t=t: build(t, base, args.work))]
     for target in built:
