@@ -6,7 +6,6 @@ plain library call's on the same weights, seed and settings (scripts/bench_fidel
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -15,6 +14,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import gpu_check  # noqa: E402
+
+# PSNR of two 64x64 renderings that differ only where float32 rounding moves a value by one
+# level: one value in the 12,288 is 89 dB, eight are 80 dB.
+PIXELS_BUT_ROUNDING_DB = 80.0
 
 
 def test_the_gpu_check_rehearses_every_step(tmp_path):
@@ -39,9 +42,14 @@ def test_the_gpu_check_rehearses_every_step(tmp_path):
         (run,) = step["report"]["runs"]
         assert run["first"]["status"] == 200 and run["naive"]["steady_ms"], run
         fidelity = run["fidelity"]
-        # Both paths run float32 on the CPU: the same pixels, the same words, the same mask.
-        assert fidelity["value"] == (math.inf if fidelity["metric"] == "psnr_db" else 1.0), \
-            (step["step"], fidelity)
+        # Both paths run float32 on the CPU: the same words and the same mask; pixels the same
+        # but for rounding. Bit-identical images held on the AVX-512 machines, but on an
+        # AVX2-only one SDXL-Lightning differs by a rounding step in a few pixels (89 dB, at
+        # the commit before this test's change too); a real divergence is below 40 dB.
+        if fidelity["metric"] == "psnr_db":
+            assert fidelity["value"] >= PIXELS_BUT_ROUNDING_DB, (step["step"], fidelity)
+        else:
+            assert fidelity["value"] == 1.0, (step["step"], fidelity)
     tables = (out / "gpu-check.md").read_text()
     assert "| gpu-tests | skipped: no CUDA here" in tables
     assert tables.count("Naive baseline") == len(gpu_check.BENCH_RUNS)
