@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import json
 import os
 import re
@@ -205,8 +206,7 @@ LEFTOVERS = ("find /tmp /build /root/.cache /root/.triton /home/runner/.cache -m
 
 def clean(tag: str) -> str:
     found = podman("run", "--rm", "--no-healthcheck", "--user", "0", "--entrypoint", "sh", tag,
-                   "-c",
-                   LEFTOVERS).stdout.split()
+                   "-c", LEFTOVERS).stdout.split()
     if found:
         raise CheckFailed(f"left from the build: {', '.join(found[:10])}")
     return ""
@@ -228,6 +228,10 @@ class Container:
 
     def logs(self) -> str:
         return podman("logs", self.name, check=False, merge=True).stdout
+
+    def wait(self) -> str:
+        """Its exit status, once it has exited."""
+        return podman("wait", self.name, timeout=EXIT_TIMEOUT_S).stdout.strip().splitlines()[-1]
 
     def remove(self) -> None:
         podman("rm", "-f", "-t", "0", self.name, check=False)
@@ -252,12 +256,23 @@ def tiny_env(tag: str, pipeline: str) -> list[str]:
     return [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
 
 
+@functools.cache
+def image_config(tag: str) -> dict[str, Any]:
+    """The image's configuration, read once: every build is done before any image is checked."""
+    return inspect("image", tag)["Config"]
+
+
 def image_env(tag: str) -> dict[str, str]:
-    return dict(e.split("=", 1) for e in inspect("image", tag)["Config"]["Env"])
+    return dict(e.split("=", 1) for e in image_config(tag)["Env"])
+
+
+@functools.cache
+def registry() -> Registry:
+    return Registry.load(ROOT / "models.yaml")
 
 
 def default_model(pipeline: str) -> str:
-    return Registry.load(ROOT / "models.yaml").default(pipeline).id
+    return registry().default(pipeline).id
 
 
 @contextmanager
@@ -403,7 +418,7 @@ def stops_gracefully(box: Container, pipeline: str) -> str:
         sock.sendall(body[len(body) // 2:])
         status, answer = read_answer(sock)
         answered = time.monotonic() - signalled
-    code = podman("wait", box.name, timeout=EXIT_TIMEOUT_S).stdout.strip().splitlines()[-1]
+    code = box.wait()
     exited = time.monotonic() - signalled
     if status != 200:
         raise CheckFailed(f"the request in flight was answered {status}: {answer[:300]!r}")
@@ -429,18 +444,12 @@ def refuses_without_models(tag: str, target: str, models: Path, store: Path) -> 
     DEVICE=cuda, tiny mode off) on a node whose /models lacks the default model: it exits
     non-zero, once, with the download command in its log. It checks the files before it
     touches a GPU, so this machine's lack of one does not change the answer."""
-    name = f"image-check-{target}-no-models"
     pipeline = image_env(tag)["PIPELINE"]
-    podman("rm", "-f", name, check=False)
-    podman("run", "-d", "--name", name, "--read-only", "--tmpfs", "/tmp",
-           *mounts(tag, models, store), "-e", f"PIPELINE={pipeline}",
-           "-e", f"MODEL_ID={default_model(pipeline)}", tag)
-    try:
-        code = podman("wait", name, timeout=EXIT_TIMEOUT_S).stdout.strip().splitlines()[-1]
-        log = podman("logs", name, merge=True).stdout
-        restarts = inspect("container", name)["RestartCount"]
-    finally:
-        podman("rm", "-f", name, check=False)
+    with started(f"image-check-{target}-no-models", tag,
+                 [*mounts(tag, models, store), "-e", f"PIPELINE={pipeline}",
+                  "-e", f"MODEL_ID={default_model(pipeline)}"], keep=False) as box:
+        code, log = box.wait(), box.logs()
+        restarts = inspect("container", box.name)["RestartCount"]
     if code == "0":
         raise CheckFailed(f"exited 0 without its model:\n{tail(log)}")
     if "scripts/download_models.py" not in log:
@@ -557,7 +566,7 @@ def check_image(target: str, report: Report, work: Path, contract: Contract,
                 keep: bool) -> None:
     tag = image_tag(target)
     report.check(target, "nothing left from the build", lambda: clean(tag))
-    served = inspect("image", tag)["Config"]["Labels"][PIPELINES_LABEL].split(",")
+    served = image_config(tag)["Labels"][PIPELINES_LABEL].split(",")
     models, store = work / "models", work / "ollama-store"
     default = image_env(tag)["PIPELINE"]
     for pipeline in served:
