@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import make_asgi_app
 
-from runner import __version__, errors, live, routes
+from runner import __version__, errors, live, routes, views
 from runner.middleware import BodyLimit, InFlight, JsonBodies
 from runner.registry import Registry
 from runner.service import Service
@@ -92,10 +92,15 @@ def create_app(settings: Settings | None = None,
     app.add_middleware(InFlight, count=service.in_flight)
     if registrar is not None:
         app.add_middleware(live.LiveSessions, sessions=registrar.sessions)
+    app.add_middleware(views.PipelineViews,
+                       views=views.table(list(service.specs), service.registry))
     routes.install(app, service, settings)
     app.mount("/metrics", make_asgi_app())
     log.info("serving %s in %s mode from %s", ", ".join(service.specs), service.mode,
              service.model_dir)
+    if len(service.specs) > 1:
+        log.info("go-livepeer: list each pipeline in aiModels.json with its own url, "
+                 "http://<this host>:%d%s/<pipeline>[/<model_id>]", settings.port, views.PREFIX)
     return app
 
 

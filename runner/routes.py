@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request as HTTPRequest
 
-from runner import errors, hardware, metrics, openai
+from runner import errors, hardware, metrics, openai, views
 from runner.errors import ClientClosed, FieldError, RunnerError, Unauthorized, Unavailable
 from runner.protocol import (
     HardwareInformation,
@@ -171,16 +171,24 @@ def status_router(service: Service, settings: Settings) -> APIRouter:
     async def health() -> HealthCheck:
         return HealthCheck(status=service.health)
 
-    async def version() -> Version:
-        return Version(pipeline=settings.pipeline, model_id=default_model_id(),
+    def named(http: HTTPRequest) -> views.View:
+        """The pipeline and model a status route names: its view's (runner/views.py), or at
+        the root PIPELINE and the default model (comma-joined where several are served)."""
+        return views.of(http.scope) or views.View(settings.pipeline, default_model_id())
+
+    async def version(http: HTTPRequest) -> Version:
+        view = named(http)
+        return Version(pipeline=view.pipeline, model_id=view.model_id,
                        version=settings.version, mode=service.mode)
 
-    def hardware_info() -> HardwareInformation:
-        return HardwareInformation(pipeline=settings.pipeline, model_id=default_model_id(),
+    def hardware_info(http: HTTPRequest) -> HardwareInformation:
+        view = named(http)
+        return HardwareInformation(pipeline=view.pipeline, model_id=view.model_id,
                                    gpu_info=hardware.gpu_info())
 
-    def hardware_stats() -> HardwareStats:
-        return HardwareStats(pipeline=settings.pipeline, model_id=default_model_id(),
+    def hardware_stats(http: HTTPRequest) -> HardwareStats:
+        view = named(http)
+        return HardwareStats(pipeline=view.pipeline, model_id=view.model_id,
                              gpu_stats=hardware.gpu_stats())
 
     for path, endpoint, model in (("/health", health, HealthCheck),

@@ -1,7 +1,8 @@
 """The runner driven through a double of go-livepeer (tests/support/golivepeer.py): a warm
 container reaches the pool, a flood is answered only with statuses the Go client decodes, the
 LLM stream never sends a chunk go-livepeer cannot relay, a runner that could never serve exits
-once before binding, and /version passes a gateway's minimum. Every answer must be one the
+once before binding, and /version passes a gateway's minimum, for every pipeline and model of a
+runner that serves several. Every answer must be one the
 orchestrator survives."""
 
 from __future__ import annotations
@@ -13,18 +14,20 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from runner import CONTRACT_VERSION, __version__, wire_version
 from runner.app import create_app
 from runner.settings import Settings
 from tests.conftest import echo_modules, echo_settings, png_bytes, wait_ready
-from tests.support import golivepeer
+from tests.support import echo_pipeline, golivepeer
 from tests.support.contract import contract
 from tests.support.golivepeer import ContainerWatch, Health
 from tests.support.helpers import free_port
@@ -269,6 +272,106 @@ def test_version_passes_a_gateways_minimum_at_the_contract_version(t2i):
     assert golivepeer.compatible("0.14.0", reported)
     assert not golivepeer.compatible("0.14.2", reported)
     assert not golivepeer.compatible("0.14.1", "0.1.0")  # what it reported before
+
+
+TWIN = "echo-twin"
+
+
+def twin_module() -> types.ModuleType:
+    """The echo test pipeline again, under another route and models.yaml key."""
+    twin = types.ModuleType("tests.api.golivepeer_twin", echo_pipeline.__doc__)
+    twin.__dict__.update({k: v for k, v in vars(echo_pipeline).items()
+                          if not k.startswith("__")})
+    twin.NAME = TWIN
+    return twin
+
+
+def two_pipelines(folder: Path) -> Path:
+    """echo-image with two models (echo-a the default), echo-twin with one."""
+    def echo(model_id: str) -> dict:
+        return {"id": model_id, "kind": "echo", "options": {"bytes": 4096}}
+
+    spec = {"safety_checker": {"id": "CompVis/stable-diffusion-safety-checker",
+                               "kind": "clip-safety-checker"},
+            "pipelines": {
+                echo_pipeline.NAME: {"default": "test/echo-a",
+                                     "models": [echo("test/echo-a"), echo("test/echo-b")]},
+                TWIN: {"default": "test/twin", "models": [echo("test/twin")]}}}
+    (folder / "models.yaml").write_text(yaml.safe_dump(spec))
+    return folder / "models.yaml"
+
+
+def test_every_pipeline_and_model_of_a_multi_pipeline_runner_advertises_its_version(
+        live_server, make_settings, tmp_path):
+    """aiModels lists the runner once per pipeline and model, each at its own base URL: the
+    version go-livepeer advertises for each is the runner's, and each URL serves its jobs.
+    Listed at the root, as before, the comma-joined names match no entry."""
+    settings = make_settings(pipeline=f"{echo_pipeline.NAME},{TWIN}",
+                             models_file=two_pipelines(tmp_path))
+    server = live_server(create_app(settings, {echo_pipeline.NAME: echo_pipeline,
+                                               TWIN: twin_module()}))
+    base = server.url
+    entries = [
+        {"pipeline": echo_pipeline.NAME, "model_id": "test/echo-a",
+         "url": f"{base}/pipelines/{echo_pipeline.NAME}"},
+        {"pipeline": echo_pipeline.NAME, "model_id": "test/echo-b",
+         "url": f"{base}/pipelines/{echo_pipeline.NAME}/test/echo-b"},
+        {"pipeline": TWIN, "model_id": "test/twin", "url": f"{base}/pipelines/{TWIN}/"},
+    ]
+    with server.client() as own:
+        assert wait_ready(own) == "IDLE"
+    with httpx.Client(timeout=60) as http:
+        advertised = golivepeer.advertised_versions(entries, http.get)
+        assert advertised == {(e["pipeline"], e["model_id"]): wire_version() for e in entries}
+        at_root = [{**entry, "url": base} for entry in entries]
+        assert set(golivepeer.advertised_versions(at_root, http.get).values()) == {""}
+        root = http.get(f"{base}/version").json()
+        assert (root["pipeline"], root["model_id"]) == (f"{echo_pipeline.NAME},{TWIN}",
+                                                        "test/echo-a,test/twin")
+        for entry in entries:
+            route = f"/{entry['pipeline']}"
+            r = http.post(golivepeer.client_url(entry["url"], route), files={"image": PNG},
+                          data={"model_id": entry["model_id"]})
+            assert golivepeer.survives(route, r).kind == "result"
+            assert r.json()["model"] == entry["model_id"]
+            info = http.get(golivepeer.client_url(entry["url"], "/hardware/info")).json()
+            assert (info["pipeline"], info["model_id"]) == (entry["pipeline"],
+                                                            entry["model_id"])
+
+
+def test_a_mistyped_pipeline_url_fails_go_livepeers_first_health_check(live_server,
+                                                                       make_settings, tmp_path):
+    settings = make_settings(pipeline=f"{echo_pipeline.NAME},{TWIN}",
+                             models_file=two_pipelines(tmp_path))
+    server = live_server(create_app(settings, {echo_pipeline.NAME: echo_pipeline,
+                                               TWIN: twin_module()}))
+    typo = {"pipeline": TWIN, "model_id": "test/twin", "url": f"{server.url}/pipelines/echo-twn"}
+    with httpx.Client(timeout=60) as http:
+        with pytest.raises(golivepeer.ConfigError, match="status code 404"):
+            golivepeer.advertised_versions([typo], http.get)
+        msg = http.get(f"{typo['url']}/health").json()["detail"]["msg"]
+    assert f"/pipelines/{echo_pipeline.NAME}, /pipelines/{TWIN}" in msg, msg
+
+
+def test_a_single_pipeline_runner_keeps_its_root_version(echo):
+    """What go-livepeer's own containers (one per pipeline, MODEL_ID set) and every existing
+    `url` entry read: the root /version names the pipeline and its default model."""
+    version = echo.get("/version").json()
+    assert (version["pipeline"], version["model_id"]) == (echo_pipeline.NAME, "test/echo-small")
+    entry = {"pipeline": echo_pipeline.NAME, "model_id": "test/echo-small",
+             "url": str(echo.base_url)}
+    assert golivepeer.advertised_versions([entry], echo.get) == {
+        (echo_pipeline.NAME, "test/echo-small"): wire_version()}
+
+
+def test_lowest_version_matches_pipeline_and_model_exactly():
+    versions = [golivepeer.Version("a,b", "m,n", "0.14.1"), golivepeer.Version("a", "m", "0.15.0"),
+                golivepeer.Version("a", "m", "0.14.2-rc1"), golivepeer.Version("a", "m", "x")]
+    assert golivepeer.lowest_version(versions, "a", "m") == "0.14.2-rc1"
+    assert golivepeer.lowest_version(versions, "b", "n") == ""
+    assert golivepeer.client_url("http://h:8000/pipelines/a", "/version") == \
+        "http://h:8000/pipelines/a/version"
+    assert golivepeer.client_url("http://h:8000", "/a") == "http://h:8000/a"
 
 
 def test_an_unsized_text_to_image_renders_what_go_livepeer_bills(t2i, app_client,

@@ -23,6 +23,12 @@ runner answers, written here from the facts of go-livepeer master (our own code)
 - `parse_ai_models`: core/ai.go, the aiModels.json an operator writes.
 - `compatible`: core/capabilities.go, a gateway's -aiMinRunnerVersion against the version a
   runner reports (Masterminds semver, pre-release stripped from both, build metadata ignored).
+- `advertised_versions`: cmd/livepeer/starter/starter.go over the aiModels entries with a
+  `url`: each is an external container (ai/worker/worker.go Warm, container.go
+  NewRunnerContainer: /health until ready, then GET /version, kept as the runner sent it), and
+  the entry advertises `LowestVersion` (ai/worker/utils.go) of every container's version whose
+  pipeline and model_id equal the entry's, exactly. `client_url` is how the generated client
+  (runner.gen.go, oapi-codegen) joins a server URL and a route: a path in the URL is kept.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ import json
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
+from urllib.parse import urljoin
+
+import httpx
 
 from tests.support.contract import contract
 
@@ -286,3 +295,80 @@ def compatible(min_version: str, runner_version: str) -> bool:
         return semver(runner_version) >= minimum
     except ValueError:
         return False
+
+
+def _order(text: str) -> tuple[tuple[int, int, int], bool]:
+    """Masterminds' order, near enough here: numbers first, a pre-release below its release."""
+    match = SEMVER.fullmatch(text)
+    if match is None:
+        raise ValueError(f"invalid semantic version {text!r}")
+    return semver(text), match.group(4) is None
+
+
+# -- external runners (aiModels entries with a url) and the versions they advertise ------------
+
+@dataclass(frozen=True)
+class Version:
+    """worker.Version: what GET /version decoded to; all empty where it did not decode."""
+
+    pipeline: str = ""
+    model_id: str = ""
+    version: str = ""
+
+
+def client_url(server: str, route: str) -> str:
+    """NewClient appends a slash to the server URL; each request resolves "./<route>" against
+    it, so `http://host:8000/pipelines/x` reaches `http://host:8000/pipelines/x/version`."""
+    return urljoin(server if server.endswith("/") else f"{server}/", f".{route}")
+
+
+def external_version(entry: dict, get) -> Version:
+    """NewRunnerContainer for one entry: the first health check must pass (else Warm fails and
+    the starter stops: ConfigError here), then /version: a transport error keeps the entry's
+    names with 0.0.0; an answer is decoded only on a 200 (nil otherwise, which
+    Worker.Version() lists as an empty Version)."""
+    try:
+        health = Health.of(get(client_url(entry["url"], "/health")))
+    except httpx.TransportError as exc:
+        raise ConfigError(f"{entry['url']}: timed out waiting for runner: {exc!r}") from exc
+    if health.code != 200 or health.status in ("", "ERROR"):
+        raise ConfigError(f"{entry['url']}: health check failed with status code {health.code}"
+                          f" ({health.status or 'no status'})")
+    try:
+        answer = get(client_url(entry["url"], "/version"))
+    except httpx.TransportError:
+        return Version(entry["pipeline"], entry["model_id"], "0.0.0")
+    if answer.status_code != 200 or "json" not in answer.headers.get("content-type", ""):
+        return Version()
+    body = answer.json()
+    return Version(body.get("pipeline", ""), body.get("model_id", ""), body.get("version", ""))
+
+
+def lowest_version(versions: list[Version], pipeline: str, model_id: str) -> str:
+    """LowestVersion: among the versions whose pipeline and model_id equal these exactly, the
+    lowest that parses as semver; "" where none does."""
+    result, lowest = "", None
+    for v in versions:
+        if v.pipeline != pipeline or v.model_id != model_id:
+            continue
+        try:
+            order = _order(v.version)
+        except ValueError:
+            continue
+        if lowest is None or order < lowest:
+            result, lowest = v.version, order
+    return result
+
+
+def advertised_versions(entries: list[dict], get) -> dict[tuple[str, str], str]:
+    """The starter's loop: each entry with a url is warmed (its version fetched), then the
+    entry's (pipeline, model_id) advertises the lowest of the versions fetched so far that
+    name it. `get(url)` answers like httpx.get."""
+    versions: list[Version] = []
+    advertised: dict[tuple[str, str], str] = {}
+    for entry in entries:
+        if entry.get("url"):
+            versions.append(external_version(entry, get))
+        key = (entry["pipeline"], entry["model_id"])
+        advertised[key] = lowest_version(versions, *key)
+    return advertised
