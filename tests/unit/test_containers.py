@@ -27,6 +27,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import runner
+from runner import views
 from runner.registry import Registry
 from runner.settings import OPTIMISATION_FLAGS, REPO_ROOT, Settings
 from runner.spec import discover
@@ -673,17 +674,47 @@ def test_image_overrides_map_each_pipeline_to_the_image_that_serves_it():
         assert pipeline in served(IMAGES[tags[tag]]), f"{tag} does not serve {pipeline}"
 
 
+def named_by(url: str, pipelines: list[str], model_id: str = "") -> tuple[str, views.View]:
+    """The runner's port in an entry's url, and the pipeline and model that url's /version
+    names (go-livepeer advertises a version only where they are the entry's): at the root a
+    single-pipeline runner's PIPELINE and MODEL_ID, under /pipelines/ its view's."""
+    match = re.fullmatch(r"http://127\.0\.0\.1:(\d+)(/.*)?", url)
+    assert match, url
+    port, path = match.groups()
+    if not path:
+        assert len(pipelines) == 1 and model_id, url
+        return port, views.View(pipelines[0], model_id)
+    table = views.table(pipelines, REGISTRY)
+    assert path in table, f"{url} is no base URL of a runner serving {pipelines}"
+    return port, table[path]
+
+
 def test_external_ai_models_point_at_compose_runners_of_their_pipeline():
     by_port = {compose_value(s["ports"][0]).split(":")[1]: s for s in SERVICES.values()}
     max_queue = Settings.model_fields["max_queue"].default
     for entry in ai_models("aiModels.external.json"):
-        match = re.fullmatch(r"http://127\.0\.0\.1:(\d+)", entry["url"])
-        assert match, entry["url"]
-        service = by_port[match.group(1)]
-        assert service["environment"]["PIPELINE"] == entry["pipeline"]
+        port = re.fullmatch(r"http://127\.0\.0\.1:(\d+).*", entry["url"]).group(1)
+        service = by_port[port]
+        env = service["environment"]
+        assert env["PIPELINE"] == entry["pipeline"]
+        assert named_by(entry["url"], [env["PIPELINE"]], env["MODEL_ID"])[1] == \
+            views.View(entry["pipeline"], entry["model_id"])
         assert isinstance(entry["token"], str) and entry["token"]
         model = next(e for e in REGISTRY.entries(entry["pipeline"]) if e.id == entry["model_id"])
         assert 1 <= entry["capacity"] <= model.max_concurrency + max_queue
+
+
+def test_a_multi_pipeline_runners_entries_each_name_their_own_pipeline_and_model():
+    """aiModels.multi.json lists one runner (deploy.md's docker run) once per pipeline and
+    model, each at the base URL whose /version names them."""
+    entries = ai_models("aiModels.multi.json")
+    served = list(dict.fromkeys(e["pipeline"] for e in entries))
+    doc = (REPO_ROOT / "docs" / "deploy.md").read_text()
+    assert f"PIPELINE={','.join(served)}" in doc
+    named = [named_by(e["url"], served) for e in entries]
+    assert len({port for port, _ in named}) == 1
+    assert [view for _, view in named] == [views.View(e["pipeline"], e["model_id"])
+                                           for e in entries]
 
 
 def test_deploy_doc_names_every_example():
