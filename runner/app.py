@@ -88,7 +88,9 @@ def create_app(settings: Settings | None = None,
     app.add_middleware(JsonBodies, paths=routes.json_paths(service))
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_bytes),
                        decodable=app.state.decodable,
-                       stall_seconds=settings.body_stall_seconds)
+                       stall_seconds=settings.body_stall_seconds,
+                       drain_bytes=settings.drain_bytes(),
+                       drain_seconds=settings.upload_drain_seconds)
     app.add_middleware(InFlight, count=service.in_flight)
     if registrar is not None:
         app.add_middleware(live.LiveSessions, sessions=registrar.sessions)

@@ -3,6 +3,7 @@ flight, lenient JSON content types."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import anyio
@@ -17,15 +18,23 @@ class BodyLimit:
     body passes the cap, so a huge upload is never buffered or spooled to disk; 408 for a body
     that stalls, `stall_seconds` without a byte, so a trickling client cannot hold a request
     open. Where the route's client cannot decode the status (`decodable`, as in errors.py) it
-    is that client's 400."""
+    is that client's 400.
+
+    A refusal from Content-Length is answered at once, then the body the client goes on
+    sending is read and thrown away (`drain_bytes` at most, for `drain_seconds` at most)
+    before the connection closes: closed with unread data, the kernel resets it, and a client
+    that writes its whole body before reading (go-livepeer's) gets `connection reset by peer`
+    instead of the answer."""
 
     def __init__(self, app: ASGIApp, max_bytes: int,
                  decodable: dict[str, frozenset[int]] | None = None,
-                 stall_seconds: float = 0):
+                 stall_seconds: float = 0, drain_bytes: int = 0, drain_seconds: float = 0):
         self.app = app
         self.max_bytes = max_bytes
         self.decodable = decodable or {}
         self.stall_seconds = stall_seconds
+        self.drain_bytes = drain_bytes
+        self.drain_seconds = drain_seconds
 
     def _message(self) -> str:
         return f"request body is larger than the limit of {self.max_bytes / 2**20:.3g} MiB"
@@ -36,7 +45,7 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(scope, send)
+            await self._reject(scope, receive, send, int(declared))
             return
         received, whole = 0, False
 
@@ -61,9 +70,9 @@ class BodyLimit:
         raise HTTPException(408, f"the request body stalled: no data for "
                                  f"{self.stall_seconds:g} s")
 
-    async def _reject(self, scope: Scope, send: Send) -> None:
-        import json
-
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, declared: int) -> None:
+        """The refusal, whole (its Content-Length's worth) before the body is drained; the
+        response ends, and uvicorn closes the connection, only once the drain is over."""
         status, msg = for_client(PayloadTooLarge.status_code, self._message(),
                                  decodable_in(scope, self.decodable))
         body = json.dumps(error_body(msg)).encode()
@@ -71,7 +80,22 @@ class BodyLimit:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        await self._drain(receive, min(declared, self.drain_bytes))
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _drain(self, receive: Receive, limit: int) -> None:
+        """Reads and discards up to `limit` body bytes within `drain_seconds`; stops early
+        when the body ends or the client goes away."""
+        drained = 0
+        with anyio.move_on_after(self.drain_seconds):
+            while drained < limit:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                drained += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
 
 
 class JsonBodies:

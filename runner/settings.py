@@ -59,6 +59,14 @@ class Settings(BaseSettings):
     body_stall_seconds: float = Field(
         30.0, ge=0, description="Seconds a request body may go without a byte before the "
         "request is refused (408; 400 where go-livepeer's client has no 408); 0 = no limit.")
+    upload_drain_seconds: float = Field(
+        10.0, ge=0, description="After an upload over MAX_UPLOAD_BYTES is refused from its "
+        "Content-Length, seconds the rest of its body may still be read and thrown away, so "
+        "that a client which writes its whole body before reading gets the answer instead of "
+        "a connection reset; 0 = close at once.")
+    upload_drain_bytes: ByteSize | None = Field(
+        None, description="The most of such a body read and thrown away; unset = 4 x "
+        "MAX_UPLOAD_BYTES.")
     max_connections: int = Field(
         512, ge=1, description="Open connections; past it the oldest one without a request "
         "in progress is closed.")
@@ -127,6 +135,12 @@ class Settings(BaseSettings):
             log.warning("VERSION=%s is not semver: gateways with -aiMinRunnerVersion will skip "
                         "this runner", v)
         return v
+
+    def drain_bytes(self) -> int:
+        """UPLOAD_DRAIN_BYTES, or 4 x MAX_UPLOAD_BYTES where unset."""
+        if self.upload_drain_bytes is None:
+            return 4 * int(self.max_upload_bytes)
+        return int(self.upload_drain_bytes)
 
     def log_optimisation_flags(self) -> None:
         for flag in OPTIMISATION_FLAGS:

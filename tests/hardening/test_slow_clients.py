@@ -1,7 +1,9 @@
 """Slow and vanishing clients against the server as `python -m runner` configures it
 (runner.__main__.server_config: a deadline for each request head, a cap on open connections,
 a stalled body refused): they cannot hold the server, /health keeps answering while 64 of
-them hang on, and a client that goes away mid-upload leaves nothing held."""
+them hang on, and a client that goes away mid-upload leaves nothing held. An upload over the
+cap is answered, not reset, for a client that writes it whole before reading, and one that
+never stops writing is cut off."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from runner.__main__ import server_config
 from runner.app import create_app
 from tests.conftest import echo_modules, echo_settings, wait_ready
 from tests.hardening import support
+from tests.support import golivepeer
 from tests.support.helpers import free_port
 
 HEAD = b"POST /echo-image HTTP/1.1\r\nHost: x\r\n"
@@ -169,3 +172,60 @@ def test_a_client_that_vanishes_leaves_nothing_held(make_settings, when):
         assert service.cache.running_bytes == 0
         with httpx.Client(base_url=url, timeout=10) as http:
             assert http.get("/health").json() == {"status": "IDLE"}
+
+
+# -- uploads over MAX_UPLOAD_BYTES, written whole before the answer is read ------------------------
+
+def oversize_head(length: int) -> bytes:
+    return (HEAD + b"Content-Type: multipart/form-data; boundary=b\r\n"
+            + f"Content-Length: {length}\r\n\r\n".encode())
+
+
+def test_an_upload_over_the_cap_is_answered_not_reset(make_settings):
+    """go-livepeer's client writes the whole body, then reads the answer: the refusal (a 400 on
+    the echo route, whose client has no 413) must reach it every time. Closed with 12 MiB
+    unread, more than loopback's socket buffers hold, the connection was reset instead in
+    every try."""
+    cap = 4 << 20
+    body = b"x" * (cap + (12 << 20))
+    expected = b"HTTP/1.1 %d " % (413 if 413 in golivepeer.decoded("/echo-image") else 400)
+    with runner_server(make_settings, max_upload_bytes=cap) as (url, app):
+        failures: list[str] = []
+        for _ in range(50):
+            with connect(url) as sock:
+                try:
+                    sock.sendall(oversize_head(len(body)) + body)
+                    answer = read_answer(sock)
+                except OSError as error:  # ECONNRESET, EPIPE
+                    failures.append(repr(error))
+                    continue
+            if not (answer.startswith(expected) and b"limit" in answer):
+                failures.append(repr(answer[:200]))
+        assert not failures, f"{len(failures)} of 50 tries: {failures[:3]}"
+        wait_idle(app.state.service)
+
+
+@pytest.mark.parametrize("bound", ["UPLOAD_DRAIN_SECONDS", "UPLOAD_DRAIN_BYTES"])
+def test_a_refused_endless_upload_is_cut_off(make_settings, bound):
+    """A client that declares 10 GiB and keeps writing is read for UPLOAD_DRAIN_SECONDS or
+    UPLOAD_DRAIN_BYTES at most (the other set out of reach), then hung up on; nothing is left
+    held."""
+    limits = (dict(upload_drain_seconds=0.5, upload_drain_bytes=1 << 40)
+              if bound == "UPLOAD_DRAIN_SECONDS"
+              else dict(upload_drain_seconds=600, upload_drain_bytes=1 << 20))
+    piece = b"x" * 65536
+    with runner_server(make_settings, max_upload_bytes=64 * 1024, **limits) as (url, app):
+        with connect(url, oversize_head(10 << 30)) as sock:
+            started = time.monotonic()
+            with pytest.raises((BrokenPipeError, ConnectionResetError)):
+                while time.monotonic() - started < 60:  # until the server hangs up
+                    sock.sendall(piece)
+            assert time.monotonic() - started < 30  # the quiet time: well under a second
+        wait_idle(app.state.service)
+
+
+def wait_idle(service) -> None:
+    deadline = time.monotonic() + 10
+    while service.in_flight.value:
+        assert time.monotonic() < deadline, "a refused upload is still held"
+        time.sleep(0.05)
