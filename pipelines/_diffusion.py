@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from pipelines import _working_memory as wm
 from pipelines._tokens import byte_symbols
 from runner.context import RunContext
 from runner.device import Device
@@ -262,6 +263,21 @@ def lightning_unet(entry: ModelEntry, files: ModelFiles, base: Path, device: Dev
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base / "unet"))
     unet.load_state_dict(load_file(weights), assign=True)
     return unet.to(device.torch, device.dtype(entry.dtype))
+
+
+def activation_widths(entry: ModelEntry, files: ModelFiles,
+                      per_latent_pixel: float = wm.UNET_BYTES_PER_LATENT_PIXEL,
+                      channels: int = wm.UNET_CHANNELS) -> tuple[float, float]:
+    """The denoiser's working bytes per latent pixel and the VAE's per decoded pixel, for this
+    entry's architecture (its unet/ and vae/ configs, the replacing VAE's where components name
+    one), from the family's reference figures (`per_latent_pixel` at `channels`)."""
+    main = entry.main
+    unet = wm.model_config(files, main.repo, main.revision, "unet")
+    source = entry.components.get("vae")
+    vae = wm.model_config(files, source.repo, source.revision) if source is not None \
+        else wm.model_config(files, main.repo, main.revision, "vae")
+    return (per_latent_pixel * wm.width(unet, channels, "block_out_channels"),
+            wm.VAE_BYTES_PER_PIXEL * wm.width(vae, wm.VAE_CHANNELS, "block_out_channels"))
 
 
 # -- requests ------------------------------------------------------------------------------

@@ -259,9 +259,13 @@ def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
         processor.save_pretrained(folder)
 
 
-def working_memory(entry: ModelEntry, request: Any, float_bytes: int) -> int:
-    """Whisper's working memory follows its fixed 30 s window, times the windows in a batch."""
-    return wm.fixed(384, float_bytes, Options.of(entry).batch_size)
+def working_memory(entry: ModelEntry, files: ModelFiles, request: Any, float_bytes: int) -> int:
+    """Whisper's working memory follows its fixed 30 s window (1500 encoder positions), times
+    the windows in a batch: large-v3's figure at 1280 channels, scaled by this model's width."""
+    found = wm.model_config(files, entry.main.repo, entry.main.revision)
+    return wm.fixed(384, float_bytes, Options.of(entry).batch_size,
+                    scale=wm.width(found, 1500, "max_source_positions")
+                    * wm.width(found, 1280, "d_model"))
 
 
 def sample_request(scale: Scale) -> Sample:

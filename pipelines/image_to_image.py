@@ -108,13 +108,16 @@ def output_size(entry: ModelEntry, request: ImageToImageParams) -> tuple[int, in
     return wm.upload_size(request.image, Options.of(entry).max_pixels)
 
 
-def working_memory(entry: ModelEntry, request: ImageToImageParams, float_bytes: int) -> int:
+def working_memory(entry: ModelEntry, files: ModelFiles, request: ImageToImageParams,
+                   float_bytes: int) -> int:
     width, height = output_size(entry, request)
     images = request.num_images_per_prompt
     # instruct-pix2pix guides on the text and on the image: three branches per image.
     branches = 3 if entry.kind == "pix2pix" else 2
+    unet, vae = diffusion.activation_widths(entry, files)
     return wm.diffusion(wm.guided_batch(images, request.guidance_scale, branches),
-                        width * height // 64, images * width * height, float_bytes)
+                        width * height // 64, images * width * height, float_bytes, unet,
+                        vae_per_pixel=vae)
 
 
 def largest_fitting(entry: ModelEntry, request: ImageToImageParams, fraction: float) -> str:

@@ -354,9 +354,14 @@ def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
         processor.save_pretrained(folder)
 
 
-def working_memory(entry: ModelEntry, request: Any, float_bytes: int) -> int:
-    """One image at BLIP's fixed input size; batched requests each reserve their own."""
-    return wm.fixed(128, float_bytes)
+def working_memory(entry: ModelEntry, files: ModelFiles, request: Any, float_bytes: int) -> int:
+    """One image at the model's fixed input size; batched requests each reserve their own:
+    BLIP-large's figure (384 px in patches of 16, 1024 channels), scaled by this model's
+    patches and width."""
+    vision = wm.model_config(files, entry.main.repo, entry.main.revision).get("vision_config")
+    vision = vision if isinstance(vision, dict) else {}
+    side = wm.width(vision, 384, "image_size") / wm.width(vision, 16, "patch_size")
+    return wm.fixed(128, float_bytes, scale=side * side * wm.width(vision, 1024, "hidden_size"))
 
 
 def sample_request(scale: Scale) -> Sample:

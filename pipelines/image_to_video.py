@@ -223,14 +223,16 @@ def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
         diffusion.save_pipeline(tiny_svd_pipeline(), folder)
 
 
-def working_memory(entry: ModelEntry, request: ImageToVideoParams, float_bytes: int) -> int:
+def working_memory(entry: ModelEntry, files: ModelFiles, request: ImageToVideoParams,
+                   float_bytes: int) -> int:
     options = Options.of(entry)
     frames = options.num_frames or 25
     width, height = frame_size(request)
     pixels = width * height
     # SVD guides every frame (a batch of 2 x frames) and decodes decode_chunk_size at a time.
+    unet, vae = diffusion.activation_widths(entry, files)
     return wm.diffusion(2 * frames, pixels // 64, min(options.decode_chunk_size, frames) * pixels,
-                        float_bytes)
+                        float_bytes, unet, vae_per_pixel=vae)
 
 
 def largest_fitting(entry: ModelEntry, request: ImageToVideoParams, fraction: float) -> str:

@@ -83,11 +83,13 @@ def image_size(entry: ModelEntry, request: TextToImageParams) -> tuple[int, int]
     return request.width or side, request.height or side
 
 
-def working_memory(entry: ModelEntry, request: TextToImageParams, float_bytes: int) -> int:
+def working_memory(entry: ModelEntry, files: ModelFiles, request: TextToImageParams,
+                   float_bytes: int) -> int:
     images = request.num_images_per_prompt
     width, height = image_size(entry, request)
+    unet, vae = diffusion.activation_widths(entry, files)
     return wm.diffusion(wm.guided_batch(images, request.guidance_scale), width * height // 64,
-                        images * width * height, float_bytes)
+                        images * width * height, float_bytes, unet, vae_per_pixel=vae)
 
 
 def largest_fitting(entry: ModelEntry, request: TextToImageParams, fraction: float) -> str:

@@ -343,9 +343,11 @@ def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
             tokenizer.save_pretrained(folder)
 
 
-def working_memory(entry: ModelEntry, request: Any, float_bytes: int) -> int:
-    """One chunk of text at a time; the audio codes of ~30 s dominate."""
-    return wm.fixed(512, float_bytes)
+def working_memory(entry: ModelEntry, files: ModelFiles, request: Any, float_bytes: int) -> int:
+    """One chunk of text at a time; the audio codes of ~30 s dominate: parler-tts-large's
+    figure at its decoder's 1536 channels, scaled by this model's decoder width."""
+    found = wm.model_config(files, entry.main.repo, entry.main.revision)
+    return wm.fixed(512, float_bytes, scale=wm.width(found, 1536, "decoder.hidden_size"))
 
 
 def sample_request(scale: Scale) -> Sample:

@@ -170,15 +170,18 @@ def build_tiny(entry: ModelEntry, model_dir: Path) -> None:
         diffusion.save_pipeline(tiny_upscale_pipeline(), folder)
 
 
-def working_memory(entry: ModelEntry, request: UpscaleParams, float_bytes: int) -> int:
+def working_memory(entry: ModelEntry, files: ModelFiles, request: UpscaleParams,
+                   float_bytes: int) -> int:
     width, height = wm.upload_size(request.image, input_cap(entry))
     out = 16 * width * height
     # The x4 UNet denoises at the input's own resolution, guided (batch 2); the VAE decodes
     # 4x that per side, in tiles above the threshold (about one 512x512 tile's worth).
     decoded = min(out, 512 * 512) if needs_vae_tiling(4 * width, 4 * height, entry) else out
     # load() keeps the VAE in float32 whatever the entry's dtype: its decode costs 4-byte floats.
-    return wm.diffusion(2, width * height, decoded, float_bytes, wm.UPSCALER_BYTES_PER_PIXEL,
-                        vae_float_bytes=4)
+    unet, vae = diffusion.activation_widths(entry, files, wm.UPSCALER_BYTES_PER_PIXEL,
+                                            wm.UPSCALER_CHANNELS)
+    return wm.diffusion(2, width * height, decoded, float_bytes, unet, vae_float_bytes=4,
+                        vae_per_pixel=vae)
 
 
 def largest_fitting(entry: ModelEntry, request: UpscaleParams, fraction: float) -> str:

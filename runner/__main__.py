@@ -50,7 +50,8 @@ class Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-# sysexits' EX_CONFIG: a runner that can never serve stops before it binds its port, so
+# sysexits' EX_CONFIG: a runner that can never serve (its models' files missing or broken,
+# or a budget too small for some pipeline) stops before it binds its port, so
 # go-livepeer's Warm fails once with this log instead of re-creating a container that says
 # ERROR for ever (go-livepeer#3105).
 EXIT_MISSING_MODELS = 78
@@ -64,6 +65,16 @@ def refuse_to_start(problems: dict[str, list[str]], model_dir: Path) -> int:
     log.error("cannot serve: the files of %d warm model(s) are missing or broken in %s:\n%s\n"
               "download them with:\n  %s", len(problems), model_dir, "\n".join(lines),
               fetch_command(list(problems), model_dir))
+    return EXIT_MISSING_MODELS
+
+
+def refuse_budget(unservable: dict[str, str]) -> int:
+    """A budget that could never serve a default-sized request of some pipeline: /health
+    would say IDLE while that pipeline refused everything, so the runner does not start."""
+    logging.getLogger("runner").error(
+        "cannot serve: the memory budget is too small for %d pipeline(s):\n%s\nraise "
+        "VRAM_BUDGET (or lower VRAM_RESERVE), or serve fewer pipelines in this process",
+        len(unservable), "\n".join(f"  {why}" for why in unservable.values()))
     return EXIT_MISSING_MODELS
 
 
@@ -92,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(settings)
     if problems := app.state.service.file_problems():
         sys.exit(refuse_to_start(problems, app.state.service.model_dir))
+    if unservable := app.state.service.budget_problems():
+        sys.exit(refuse_budget(unservable))
     Server(server_config(app, settings), on_signal=lambda: begin_drain(app)).run()
     # The models are unloaded and the port closed: what is left is the interpreter's own
     # teardown, whose full garbage collection walks every object torch, transformers and

@@ -54,6 +54,11 @@ class Learned:
     promote_seconds: float | None = None  # from the host tier
     peaks: dict[int, int] = field(default_factory=dict)  # working-memory peak per size bucket
     ratio: float | None = None  # measured peak over estimate, the largest seen
+    # The last run's working memory: its estimate, what was reserved (the estimate corrected
+    # by what was learned), and its measured peak (None where the device cannot say: the CPU).
+    estimate: int | None = None
+    reserved: int | None = None
+    peak: int | None = None
     run_seconds: float = 1.0  # exponential average of a reservation's length
 
 
@@ -105,6 +110,10 @@ class Slot:
             "demotions": self.demotions,
             "load_seconds": round(self.learned.load_seconds or 0.0, 3),
             "idle_seconds": round(now - self.last_used, 1),
+            "working_memory": {"estimated_bytes": self.learned.estimate,
+                               "reserved_bytes": self.learned.reserved,
+                               "measured_bytes": self.learned.peak,
+                               "largest_ratio": self.learned.ratio},
         }
 
 
@@ -231,6 +240,11 @@ class ModelCache:
                 "resident_bytes": self.resident_bytes, "running_bytes": self.running_bytes,
                 "host_budget_bytes": self.host_budget, "host_bytes": self.tier_bytes("host")}
 
+    def measured_bytes(self, entry: ModelEntry) -> int | None:
+        """`entry`'s weights as measured once loaded (kept after it leaves), else None."""
+        learned = self._learned.get(self.key(entry))
+        return learned.weights if learned is not None else None
+
     def resident(self, entry: ModelEntry) -> Any:
         """The model of `entry` if it is on the device; for inspection, not for serving."""
         slot = self._slots.get(self.key(entry))
@@ -247,6 +261,14 @@ class ModelCache:
             async with self.use(entry):
                 pass
         slot.pinned = True  # once loaded: a load that failed pins nothing
+
+    def unpin(self, entry: ModelEntry) -> None:
+        """Let `entry` leave memory like any other model (it stays until room is needed)."""
+        slot = self._slots.get(self.key(entry))
+        if slot is not None and slot.pinned:
+            slot.pinned = False
+            event("unpin", model=entry.id)
+            self._notify()
 
     async def load(self, entry: ModelEntry) -> None:
         """Bring `entry` to the device now (warming a model before traffic arrives)."""
@@ -415,6 +437,8 @@ class ModelCache:
     def _learn(self, slot: Slot, r: Reservation, estimate: int) -> None:
         learned = slot.learned
         learned.run_seconds = 0.8 * learned.run_seconds + 0.2 * (time.monotonic() - r.started)
+        learned.estimate, learned.reserved = estimate, r.nbytes
+        learned.peak = None if r.shared else r.peak
         if r.peak is None or r.shared or estimate <= 0:
             return
         learned.peaks[r.bucket] = max(learned.peaks.get(r.bucket, 0), r.peak)

@@ -15,7 +15,7 @@ import anyio
 from filelock import FileLock
 from pydantic import BaseModel
 
-from runner import checkpoints, footprint, hardware, safety, warm
+from runner import checkpoints, footprint, hardware, safety, sample, warm
 from runner import device as devices
 from runner.cache import Loader, ModelCache
 from runner.errors import ModelLoadError, RunnerError
@@ -50,6 +50,8 @@ class Models:
         self.state = "LOADING"  # LOADING | READY | ERROR
         self._deferred: list[ModelEntry] = []  # warm models whose compile waits for READY
         self.warm_plan: warm.WarmPlan | None = None  # which warm models are pinned
+        self._estimates: dict[str, int] = {}  # warm models' estimated bytes, by id
+        self._default_runs: dict[str, int] = {}  # default requests' estimates, by pipeline
         self.memory: Memory = CudaMemory(self.device.index) if self.device.is_cuda \
             else HostMemory()
         self.cache = ModelCache(
@@ -136,13 +138,14 @@ class Models:
         return 2 if self.device.is_cuda and entry.dtype != "float32" else 4
 
     def working_memory(self, spec: PipelineSpec, entry: ModelEntry, request: BaseModel) -> int:
-        """The pipeline's estimate of a run's working memory at the serving precision. The
-        estimates are sized for the real models: tiny mode's toys need a few MiB, so there they
-        count only under an explicit VRAM_BUDGET (a simulated device, as the tests use), and a
-        laptop serving `make serve` is never refused a size its RAM handles easily."""
-        if spec.working_memory is None or (self.tiny and self.settings.vram_budget is None):
+        """The pipeline's estimate of a run's working memory: from the model's architecture
+        (its config files), the request's size, and the serving precision. The one estimate
+        both admission (runner/service.py) and the warm plan reserve, through
+        `ModelCache.working_bytes`, which corrects it by the peaks measured on CUDA."""
+        if spec.working_memory is None:
             return 0
-        return int(spec.working_memory(entry, request, self.float_bytes(entry)))
+        return int(spec.working_memory(entry, self.files(entry), request,
+                                       self.float_bytes(entry)))
 
     # -- budgets ----------------------------------------------------------------------------
 
@@ -187,10 +190,12 @@ class Models:
 
     async def _serving(self) -> bool:
         """Every pinned warm model resident (loading any that are not) and, for pipelines with
-        a `health(model)` hook (a daemon that may go away), healthy."""
-        if self.warm_plan is None:
-            self.warm_plan = await self._plan_warm()
-        for entry in self.warm_plan.pinned:
+        a `health(model)` hook (a daemon that may go away), healthy. The plan is checked again
+        each time against what is now known (measured sizes and peaks, others' memory): a
+        model that no longer fits pinned is unpinned, and a pipeline that can no longer be
+        served at all is an error."""
+        self._adopt(await self._plan_warm())
+        for entry in self.pinned():
             await self.cache.pin(entry)
         for name, spec in self.specs.items():
             model = self.cache.resident(self.registry.default(name))
@@ -198,46 +203,64 @@ class Models:
                 return False
         return True
 
-    async def _plan_warm(self) -> warm.WarmPlan:
-        """Pin the warm models the budget can hold while the others are still served on
-        demand (runner/warm.py); a warm model bigger than the whole budget is an error."""
-        sizes = {e.id: await anyio.to_thread.run_sync(self._estimate, e)
-                 for e in self.warm_entries()}
-        plan = self._fit(sizes)
-        if plan.too_large:
-            raise ModelLoadError(self._too_large(plan.too_large, sizes))
+    def _adopt(self, plan: warm.WarmPlan) -> None:
+        if self.warm_plan is not None and plan.pinned == self.warm_plan.pinned:
+            return
         if plan.on_demand:
-            log.warning("the budget (%d MiB) cannot hold every warm model: %s pinned, %s loaded "
-                        "on demand and swapped (slower: each swap is a load)",
-                        self.cache.budget >> 20, ", ".join(e.id for e in plan.pinned) or "none",
+            log.warning("the budget (%d MiB) cannot keep every warm model beside the others' "
+                        "default-sized requests: %s pinned, %s loaded on demand and swapped "
+                        "(slower: each swap is a load)", self.cache.budget >> 20,
+                        ", ".join(e.id for e in plan.pinned) or "none",
                         ", ".join(e.id for e in plan.on_demand))
+        for entry in self.pinned():
+            if entry not in plan.pinned:
+                self.cache.unpin(entry)
+        self.warm_plan = plan
+
+    async def _plan_warm(self) -> warm.WarmPlan:
+        """The warm plan for the budget as it is now (runner/warm.py); a pipeline that cannot
+        be served even with nothing pinned is an error naming it and the budget it needs."""
+        for entry in self.warm_entries():
+            if entry.id not in self._estimates:
+                self._estimates[entry.id] = await anyio.to_thread.run_sync(self._estimate,
+                                                                           entry)
+        plan = await anyio.to_thread.run_sync(self._fit)
+        if plan.unservable:
+            raise ModelLoadError("; ".join(why for _, why in plan.problems(self.cache.budget)))
         return plan
 
-    def _fit(self, sizes: dict[str, int]) -> warm.WarmPlan:
-        """The warm plan for these model sizes against the budget as it is now."""
+    def _fit(self) -> warm.WarmPlan:
+        """The warm plan for the warm models' sizes (measured once loaded) and the working
+        memory admission would reserve for each pipeline's default-sized request now."""
         entries = self.warm_entries()
-        companion = self.registry.safety_checker if self._needs_safety() else None
-        runs = max((self._default_run_bytes(e) for e in entries), default=0)
+        sizes = {e.id: self.cache.measured_bytes(e) or self._estimates[e.id] for e in entries}
         self.cache.refresh()
-        return warm.plan(entries, sizes, self.cache.budget, companion, runs)
+        return warm.plan(entries, self.demands(), sizes, self.cache.budget)
 
-    def _default_run_bytes(self, entry: ModelEntry) -> int:
-        """The working memory of a request that leaves every field to the model's defaults
-        (an upload's size unknown: 0 for the parts that follow it)."""
+    def demands(self) -> list[warm.Demand]:
+        checker = self.registry.safety_checker
+        return [warm.Demand(name, entry, checker if spec.checks_safety else None,
+                            self.cache.working_bytes(entry, self._default_run(spec, entry))[0])
+                for name, spec in self.specs.items()
+                for entry in [self.registry.default(name)]]
+
+    def _default_run(self, spec: PipelineSpec, entry: ModelEntry) -> int:
+        """The working-memory estimate of the pipeline's default-sized request (its sample at
+        the default scale, uploads included) on its default model; estimated once."""
+        if spec.name not in self._default_runs:
+            example = spec.sample_request(sample.Scale()) if spec.sample_request else None
+            request = sample.default_request(spec.request, example,
+                                             {**entry.defaults, **entry.fixed})
+            self._default_runs[spec.name] = self.working_memory(spec, entry, request)
+        return self._default_runs[spec.name]
+
+    def default_run_bytes(self, entry: ModelEntry) -> int | None:
+        """What admission reserves now for the default-sized request of the pipeline whose
+        default model `entry` is (None for other models), for /models."""
         spec = self.specs.get(entry.pipeline)
-        if spec is None:  # the safety checker: it runs inside others' runs
-            return 0
-        try:
-            return self.working_memory(spec, entry, spec.request.model_construct(
-                **{**entry.defaults, **entry.fixed}))
-        except Exception:  # noqa: BLE001  a pipeline whose estimate needs what a sample lacks
-            return 0
-
-    def _too_large(self, entries: list[ModelEntry], sizes: dict[str, int]) -> str:
-        return "; ".join(
-            f"{e.id} needs about {sizes[e.id] >> 20} MiB, more than this runner's whole budget "
-            f"of {self.cache.budget >> 20} MiB (VRAM_BUDGET, or the device's memory minus "
-            "VRAM_RESERVE)" for e in entries)
+        if spec is None or self.registry.default(spec.name) != entry:
+            return None
+        return self.cache.working_bytes(entry, self._default_run(spec, entry))[0]
 
     async def warm_up(self, executor: Executor) -> None:
         """Load and pin every served pipeline's default model (and the safety checker), or
@@ -285,11 +308,14 @@ class Models:
         for entry in self.warm_entries():
             if problems := self.entry_problems(entry):
                 found[entry.id] = problems
-        if not found:  # whole files: each must also fit the budget on its own
-            sizes = {e.id: self._estimate(e) for e in self.warm_entries()}
-            for entry in self._fit(sizes).too_large:
-                found[entry.id] = [self._too_large([entry], sizes)]
         return found
+
+    def budget_problems(self) -> dict[str, str]:
+        """Pipelines the budget can never serve (a default-sized request of the default model
+        beside the safety checker where it needs it), by name, read before the port is bound:
+        such a runner could never keep the promise of IDLE. Tiny mode writes its models first."""
+        self._estimates = {e.id: self._estimate(e) for e in self.warm_entries()}
+        return dict(self._fit().problems(self.cache.budget))
 
     def entry_problems(self, entry: ModelEntry) -> list[str]:
         """What `entry`'s files lack (runner/checkpoints.py, or the pipeline's own check);

@@ -209,8 +209,10 @@ def status_router(service: Service, settings: Settings) -> APIRouter:
     @router.get("/models", operation_id="models", include_in_schema=False)
     async def models() -> dict:
         """The cache's budget and models; `on_demand`: warm models the budget cannot keep
-        pinned beside the others, loaded per request and swapped."""
+        pinned beside the others, loaded per request and swapped; `default_requests`: per
+        served pipeline, what its default-sized request holds (the warm plan's promise)."""
         return {**service.cache.summary(), "on_demand": [e.id for e in service.on_demand()],
+                "default_requests": service.default_requests(),
                 "models": service.cache.describe()}
 
     return router

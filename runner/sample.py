@@ -1,11 +1,15 @@
-"""A pipeline's sample request, for the benchmarks: each pipeline's `sample_request(scale)`
-says what a sensible request looks like at a given size; scripts/bench_inputs.py turns it into
-HTTP."""
+"""A pipeline's sample request: each pipeline's `sample_request(scale)` says what a sensible
+request looks like at a given size. scripts/bench_inputs.py turns it into HTTP for the
+benchmarks; at the default scale it is the default-sized request the warm plan reserves for."""
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
 
 
 @dataclass(frozen=True)
@@ -45,3 +49,28 @@ class Sample:
     fields: dict[str, Any]
     uploads: dict[str, NoiseImage | Speech] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+
+
+def default_request(request: type[BaseModel], sample: Sample | None,
+                    values: dict[str, Any]) -> BaseModel:
+    """A default-sized request, for estimating what it needs before any arrives:
+    the pipeline's sample at the default scale (None: no sample), its uploads as files of their
+    size (an image's header is what estimates read), under `values` (the model's defaults)."""
+    fields = {k: v for k, v in (sample.fields if sample else {}).items()
+              if v is not None and k != "model_id"}
+    uploads = {name: _file(upload) for name, upload in (sample.uploads if sample else {}).items()}
+    merged = {**fields, **uploads, **values}
+    try:
+        return request.model_validate(merged)
+    except ValidationError:  # a sample short of a required field: what it has, unvalidated
+        return request.model_construct(**merged)
+
+
+def _file(upload: NoiseImage | Speech) -> UploadFile:
+    data = io.BytesIO()
+    if isinstance(upload, NoiseImage):
+        from PIL import Image
+
+        Image.new("RGB", (upload.width, upload.height)).save(data, format="PNG")
+        data.seek(0)
+    return UploadFile(data, filename="sample")

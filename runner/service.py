@@ -98,8 +98,17 @@ class Service:
     def file_problems(self) -> dict[str, list[str]]:
         return self.models.file_problems()
 
+    def budget_problems(self) -> dict[str, str]:
+        return self.models.budget_problems()
+
     def on_demand(self) -> list[ModelEntry]:
         return self.models.on_demand()
+
+    def default_requests(self) -> dict[str, dict[str, int | str | None]]:
+        """Per served pipeline: its default model and the working memory admission reserves
+        now for a default-sized request of it (the estimate, corrected by measured peaks)."""
+        return {name: {"model": entry.id, "reserved_bytes": self.models.default_run_bytes(entry)}
+                for name in self.specs for entry in [self.registry.default(name)]}
 
     @property
     def ready(self) -> bool:

@@ -73,8 +73,9 @@ NAMES = (
     Name("estimate", "estimate(entry, files, float_bytes) -> int | None",
          "A model's resident bytes when the file-size estimate is wrong (None: use it).",
          params=3, default="weights' size on disk at the serving precision"),
-    Name("working_memory", "working_memory(entry, request, float_bytes) -> int",
-         "Bytes a run of this request needs beside the weights.", params=3, default="0"),
+    Name("working_memory", "working_memory(entry, files, request, float_bytes) -> int",
+         "Bytes a run of this request needs beside the weights, from the model's architecture "
+         "(its config in `files`) and the request's size.", params=4, default="0"),
     Name("largest_fitting", "largest_fitting(entry, request, fraction) -> str",
          "What request size would fit in `fraction` of this one's working memory (the 422's "
          "hint).", params=3, default="no hint"),
@@ -146,7 +147,7 @@ class PipelineSpec:
     run: Callable[[Any, Any, RunContext], Any]
     run_is_async: bool = False
     stream: Callable[[Any, Any, RunContext], AsyncIterator[BaseModel]] | None = None
-    working_memory: Callable[[ModelEntry, Any, int], int] | None = None
+    working_memory: Callable[[ModelEntry, ModelFiles, Any, int], int] | None = None
     largest_fitting: Callable[[ModelEntry, Any, float], str] | None = None
     sample_request: Callable[[Scale], Sample] | None = None
     requires: tuple[str, ...] = ()

@@ -1,56 +1,75 @@
-"""Which warm models a runner keeps in memory for good, when its budget cannot hold them all.
+"""Which warm models a runner keeps in memory for good, such that every served pipeline can
+still answer a default-sized request of its default model.
 
 A runner serving several pipelines warms each pipeline's default model (and the safety
-checker). When the budget holds them all, all are pinned (a request too large to run beside
-them is then a 422 naming the size that fits). When it does not, pinning them in
-order would leave the later ones unservable (a pinned model never leaves), so they are pinned
-in priority order only while the rest can still be served beside them, one at a time: the
-models pinned so far, this one, and the largest of the others (with the safety checker, which
-an image request holds beside its model) and one run's working memory must fit. Whatever is
-not pinned is loaded on demand and swapped; a model that does not fit the budget even alone
-can never be served.
+checker). The promise behind IDLE: each pipeline's `Demand` (its default model, the safety
+checker where its images are checked, and the working memory admission will reserve for its
+default-sized request) fits the budget beside every pinned model, one request at a time. Warm
+models are pinned in priority order only while every demand still fits (a pinned model never
+leaves); the others are loaded on demand and swapped. A demand that does not fit even with
+nothing pinned can never be served: a start-up error naming the pipeline and the budget it
+would need.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from runner.registry import ModelEntry
 
 
 @dataclass(frozen=True)
+class Demand:
+    """What one pipeline's default-sized request holds on the device while it runs."""
+
+    pipeline: str
+    model: ModelEntry
+    companion: ModelEntry | None  # held beside it (the safety checker), or None
+    run_bytes: int  # the working memory admission reserves for it
+
+    @property
+    def models(self) -> tuple[ModelEntry, ...]:
+        return (self.model,) if self.companion is None else (self.model, self.companion)
+
+
+@dataclass(frozen=True)
 class WarmPlan:
     pinned: list[ModelEntry]
     on_demand: list[ModelEntry]
-    too_large: list[ModelEntry]  # bigger than the whole budget: never servable
+    unservable: list[tuple[Demand, int]]  # demands over the budget alone, with what each needs
+
+    def problems(self, budget: int) -> list[tuple[str, str]]:
+        """(pipeline, why) for each demand the budget can never hold."""
+        return [(d.pipeline, f"serving {d.pipeline} ({d.model.id}"
+                 + (f" with {d.companion.id}" if d.companion is not None else "")
+                 + f", and a default-sized request's {d.run_bytes >> 20} MiB of working memory)"
+                 f" needs a budget of at least {mib_up(needed)} MiB; this runner's is "
+                 f"{budget >> 20} MiB (VRAM_BUDGET, or the device's memory minus VRAM_RESERVE)")
+                for d, needed in self.unservable]
 
 
-def plan(entries: list[ModelEntry], sizes: dict[str, int], budget: int,
-         companion: ModelEntry | None = None, run_bytes: int = 0) -> WarmPlan:
-    """`entries` in priority order (the first pipeline's default first), `sizes` in bytes by
-    model id; `companion` is held beside any other model at run time (the safety checker);
-    `run_bytes`: the working memory of the largest default-sized request."""
-    too_large = [e for e in entries if sizes[e.id] > budget]
-    servable = [e for e in entries if e not in too_large]
-    if sum(sizes[e.id] for e in servable) <= budget:
-        return WarmPlan(servable, [], too_large)
+def mib_up(nbytes: int) -> int:
+    return -(-nbytes // (1 << 20))
+
+
+def needs(demand: Demand, pinned: Iterable[ModelEntry], sizes: dict[str, int]) -> int:
+    """Device bytes `demand` needs while `pinned` stay: every pinned model, its own models
+    (each counted once), and its working memory."""
+    held = {e.id: sizes[e.id] for e in pinned}
+    held.update({e.id: sizes[e.id] for e in demand.models})
+    return sum(held.values()) + demand.run_bytes
+
+
+def plan(entries: list[ModelEntry], demands: list[Demand], sizes: dict[str, int],
+         budget: int) -> WarmPlan:
+    """`entries`: the warm models in priority order (the first pipeline's default first);
+    `sizes` in bytes by model id."""
+    unservable = [(d, n) for d in demands if (n := needs(d, (), sizes)) > budget]
+    if unservable:
+        return WarmPlan([], [], unservable)
     pinned: list[ModelEntry] = []
     for entry in entries:
-        if entry in too_large:
-            continue
-        rest = [e for e in entries if e not in pinned and e != entry and e not in too_large]
-        held = sum(sizes[e.id] for e in (*pinned, entry))
-        if held + room(rest, sizes, companion) + run_bytes <= budget:
+        if all(needs(d, (*pinned, entry), sizes) <= budget for d in demands):
             pinned.append(entry)
-    on_demand = [e for e in entries if e not in pinned and e not in too_large]
-    return WarmPlan(pinned, on_demand, too_large)
-
-
-def room(rest: list[ModelEntry], sizes: dict[str, int], companion: ModelEntry | None) -> int:
-    """What serving the unpinned models one at a time needs: the largest, plus the companion
-    when it is unpinned too and the largest is not the companion itself."""
-    if not rest:
-        return 0
-    largest = max(rest, key=lambda e: sizes[e.id])
-    extra = sizes[companion.id] if companion in rest and companion != largest else 0
-    return sizes[largest.id] + extra
+    return WarmPlan(pinned, [e for e in entries if e not in pinned], [])

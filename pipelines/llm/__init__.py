@@ -30,6 +30,8 @@ from typing import Any
 
 import anyio
 
+from pipelines import _working_memory as wm
+
 # The names below are the package's face: the runner reads the pipeline interface from here,
 # and tests and scripts reach the backends' parts as `llm.X`, as when this was one module.
 from pipelines.llm._backend import Backend
@@ -40,6 +42,7 @@ from pipelines.llm._hf_backend import (
     STREAM_DRAIN_S,
     StopScanner,
     TransformersBackend,
+    kv_bytes_per_token,
     transformers_backend,
 )
 from pipelines.llm._ollama_backend import (
@@ -139,15 +142,9 @@ def file_problems(entry: ModelEntry, files: ModelFiles) -> list[str] | None:
     return checkpoints.ollama_problems(tag, Path(store)) if store else []
 
 
-# The in-process backend's KV cache per token, by model id: known once it has loaded.
-KV_BYTES_PER_TOKEN: dict[str, int] = {}
-
-
 def load(entry: ModelEntry, files: ModelFiles, device: Device) -> Backend:
     if backend_name(entry, files) == "transformers":
-        model = transformers_backend(entry, files, device)
-        KV_BYTES_PER_TOKEN[entry.id] = model.kv_bytes_per_token
-        return model
+        return transformers_backend(entry, files, device)
     backend = OllamaBackend(entry, CLIENT_OPTIONS)
     backend.prepare()
     return backend
@@ -190,11 +187,15 @@ def tag_needs_ollama(tag: str, model: Backend) -> FieldError:
                       "or run with LLM_BACKEND=ollama")
 
 
-def working_memory(entry: ModelEntry, request: LLMRequest, float_bytes: int) -> int:
-    """The in-process backend's KV cache for this request: its bytes per token times the
-    prompt (about three characters a token, counted high) and the answer's most tokens. 0 for
-    Ollama, whose daemon holds its own memory, and before the model has loaded."""
-    per_token = KV_BYTES_PER_TOKEN.get(entry.id, 0)
+def working_memory(entry: ModelEntry, files: ModelFiles, request: LLMRequest,
+                   float_bytes: int) -> int:
+    """The in-process backend's KV cache for this request: its bytes per token (from the
+    model's config) times the prompt (about three characters a token, counted high) and the
+    answer's most tokens. 0 for Ollama, whose daemon holds its own memory."""
+    if backend_name(entry, files) != "transformers":
+        return 0
+    per_token = kv_bytes_per_token(wm.model_config(files, entry.main.repo, entry.main.revision),
+                                   float_bytes)
     prompt = sum(len(m.content) for m in request.messages) // 3 + 8 * len(request.messages)
     return per_token * (prompt + (request.max_tokens or DEFAULT_MAX_TOKENS))
 

@@ -59,14 +59,14 @@ _DONE = object()  # the generation thread's last message
 DEFAULT_MAX_TOKENS = 256  # an answer's length when the request does not say
 
 
-def kv_bytes_per_token(model: Any) -> int:
-    """Device bytes the KV cache grows by per token: keys and values of every layer, at the
-    model's dtype (grouped-query models keep fewer heads)."""
-    config = model.config
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // \
-        config.num_attention_heads
-    return 2 * config.num_hidden_layers * heads * head_dim * model.dtype.itemsize
+def kv_bytes_per_token(config: dict[str, Any], float_bytes: int) -> int:
+    """Device bytes the KV cache grows by per token, from the model's config.json: keys and
+    values of every layer at `float_bytes` a float (grouped-query models keep fewer heads)."""
+    heads = config.get("num_key_value_heads") or config.get("num_attention_heads") or 0
+    head_dim = config.get("head_dim") or (
+        config.get("hidden_size", 0) // max(1, config.get("num_attention_heads") or 1))
+    return 2 * int(config.get("num_hidden_layers") or 0) * int(heads) * int(head_dim) \
+        * float_bytes
 
 
 class TransformersBackend(Backend):
@@ -81,7 +81,6 @@ class TransformersBackend(Backend):
         self.tokenizer = tokenizer
         self.device = device
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
-        self.kv_bytes_per_token = kv_bytes_per_token(model)
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {int(i) for i in eos + [tokenizer.eos_token_id] if i is not None}

@@ -193,9 +193,23 @@ def warm_up(model: Segmenter, entry: ModelEntry) -> None:
     model.embed(np.zeros((64, 64, 3), dtype=np.uint8))
 
 
-def working_memory(entry: ModelEntry, request: Any, float_bytes: int) -> int:
-    """The image encoder at SAM2's fixed 1024x1024 input dominates."""
-    return wm.fixed(1024, float_bytes)
+def working_memory(entry: ModelEntry, files: ModelFiles, request: Any, float_bytes: int) -> int:
+    """The image encoder at the model's fixed input size dominates: hiera-large's figure at
+    1024x1024 and 144 channels in its first stage, scaled by this model's input pixels and
+    channels (config.json, or the official format's yaml)."""
+    found = wm.model_config(files, entry.main.repo, entry.main.revision)
+    if not found:
+        try:
+            folder = files.folder(entry.main.repo, entry.main.revision)
+        except ModelLoadError:
+            folder = None
+        yamls = sorted(folder.glob("*.yaml")) if folder is not None else []
+        found = wm.config(folder, yamls[0].name) if folder is not None and yamls else {}
+    side = wm.width(found, 1024, "image_size", "vision_config.backbone_config.image_size",
+                    "model.image_size")
+    channels = wm.width(found, 144, "vision_config.backbone_config.hidden_size",
+                        "model.image_encoder.trunk.embed_dim")
+    return wm.fixed(1024, float_bytes, scale=side * side * channels)
 
 
 def sample_request(scale: Scale) -> Sample:

@@ -11,7 +11,7 @@ PIPELINES = "text-to-image,image-to-text"
 EXTRAS = [("text-to-image", "stabilityai/sd-turbo"), ("text-to-image", "stabilityai/sdxl-turbo"),
           ("image-to-text", "Salesforce/blip-image-captioning-base")]
 PNG = png_bytes(48, 48)
-SIDE = 208  # text-to-image's working memory at this size is about BLIP's per-image figure
+SIDE = 512  # the default-sized request's: the room the warm plan leaves is one such run
 
 
 def call(client, pipeline: str, model_id: str):
@@ -23,16 +23,21 @@ def call(client, pipeline: str, model_id: str):
                        data={"model_id": model_id})
 
 
-def working_memory(pipeline: str) -> int:
-    """What the service reserves for `call`'s requests in tiny mode (4-byte floats)."""
+def working_memory(pipeline: str, tiny_dir) -> int:
+    """What the service reserves for `call`'s requests on the default models in tiny mode
+    (4-byte floats, the tiny architectures' widths)."""
     from pipelines import image_to_text, text_to_image
-    from runner.registry import ModelEntry
+    from runner.hub import ModelFiles
+    from runner.registry import Registry
+    from runner.settings import Settings
 
+    entry = Registry.load(Settings().models_file).default(pipeline)
+    files = ModelFiles(tiny_dir, entry.id)
     if pipeline == "image-to-text":
-        return image_to_text.working_memory(ModelEntry(id="x", kind="blip"), None, 4)
+        return image_to_text.working_memory(entry, files, None, 4)
     request = text_to_image.TextToImageParams(prompt="a cat", width=SIDE, height=SIDE,
                                               guidance_scale=0.0)
-    return text_to_image.working_memory(ModelEntry(id="x", kind="sd"), request, 4)
+    return text_to_image.working_memory(entry, files, request, 4)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +56,8 @@ def test_several_pipelines_share_a_budget_that_forces_demotions_and_evictions(ti
     largest = max(sizes[e] for _, e in EXTRAS)
     # Room beside the warm models for one run's working memory and about one and a half extra
     # models: never two extras while a request runs.
-    room = max(working_memory(pipeline) for pipeline in ("text-to-image", "image-to-text"))
+    room = max(working_memory(pipeline, tiny_dir)
+               for pipeline in ("text-to-image", "image-to-text"))
     budget = sum(sizes[m] for m in pinned) + room + largest * 3 // 2
     with serving(PIPELINES, tiny_dir, vram_budget=budget, host_budget=largest) as client:
         for _ in range(2):
@@ -77,9 +83,11 @@ def test_several_pipelines_share_a_budget_that_forces_demotions_and_evictions(ti
 
 
 def test_a_request_too_large_for_the_device_is_422_with_the_size_that_fits(tiny_dir, sizes):
+    """A budget with room for one default-sized (512x512) run beside the warm models."""
     warm = sizes["SG161222/RealVisXL_V4.0_Lightning"] + \
         sizes["CompVis/stable-diffusion-safety-checker"]
-    with serving("text-to-image", tiny_dir, vram_budget=warm + (64 << 20)) as client:
+    room = working_memory("text-to-image", tiny_dir) + (1 << 20)
+    with serving("text-to-image", tiny_dir, vram_budget=warm + room) as client:
         r = client.post("/text-to-image", json={"prompt": "a cat", "width": 1024,
                                                 "height": 1024, "num_inference_steps": 1})
         assert r.status_code == 422, r.text

@@ -95,11 +95,11 @@ def test_an_in_process_run_reserves_its_kv_cache(tiny_llm, monkeypatch):
         return real(entry, estimate, *args, **kwargs)
 
     monkeypatch.setattr(service.cache, "reserve", spy)
-    monkeypatch.setattr(service.settings, "vram_budget", service.cache.budget)
     assert tiny_llm.post("/llm", json=chat(max_tokens=4)).status_code == 200
     entry = service.registry.default("llm")
-    short = llm.working_memory(entry, llm.Request(**chat(max_tokens=4)), 4)
-    long = llm.working_memory(entry, llm.Request(**chat(max_tokens=400)), 4)
+    files = service.models.files(entry)
+    short = llm.working_memory(entry, files, llm.Request(**chat(max_tokens=4)), 4)
+    long = llm.working_memory(entry, files, llm.Request(**chat(max_tokens=400)), 4)
     assert reserved == [short] and 0 < short < long
 
 

@@ -4,6 +4,7 @@ folder build_tiny writes, driven over HTTP with multipart bodies as go-livepeer 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import yaml
 from PIL import Image
 
 from pipelines import upscale
+from runner.hub import ModelFiles
 from runner.registry import ModelEntry
 from runner.settings import Settings
 from tests.conftest import decode_png_url, pixels, png_bytes, post_image, serving
@@ -163,7 +165,8 @@ def test_working_memory_counts_the_float32_vae_at_four_bytes_per_float():
 
     entry = ModelEntry(id="a/b", kind="sd-x4-upscaler", dtype="float16")
     request = upscale.UpscaleParams.model_construct(image=Upload())
-    half, full = (upscale.working_memory(entry, request, b) for b in (2, 4))
+    files = ModelFiles(Path("/nonexistent"), entry.id)  # no configs: the reference widths
+    half, full = (upscale.working_memory(entry, files, request, b) for b in (2, 4))
     assert half == full == 1024 * 1024 * wm.VAE_BYTES_PER_PIXEL * 2
 
 

@@ -25,6 +25,7 @@ class Options(BaseOptions):
     bytes: int = Field(4096, ge=4, description="Size of the random weights written.")
     load_seconds: float = Field(0.0, ge=0, description="How long a load sleeps.")
     fail_load: bool = Field(False, description="Loading raises, as a broken checkpoint would.")
+    working_bytes: int = Field(0, ge=0, description="The working memory each run reserves.")
 
 
 STOPPED: list[str] = []  # models whose run saw its client go away
@@ -87,6 +88,11 @@ def run(model: dict, request: EchoParams, ctx: RunContext) -> EchoResponse:
     return EchoResponse(width=image.width, height=image.height, strength=request.strength,
                         flag=request.flag, points=points, seed=request.seed, size=request.size,
                         model=model["id"])
+
+
+def working_memory(entry: ModelEntry, files: ModelFiles, request: EchoParams,
+                   float_bytes: int) -> int:
+    return Options.of(entry).working_bytes
 
 
 def build_tiny(entry: ModelEntry, model_dir: Path) -> None:

@@ -46,7 +46,7 @@ def test_optional_names_take_their_defaults_in_one_place():
 
 @pytest.mark.parametrize("names, expected", [
     ({"run": lambda model, request: None}, "run must take 3 arguments"),
-    ({"working_memory": lambda entry: 0}, "working_memory must take 3 arguments"),
+    ({"working_memory": lambda entry: 0}, "working_memory must take 4 arguments"),
     ({"health": lambda model: True}, "health must be a coroutine function"),
     ({"stream": lambda model, request, ctx: iter(())}, "stream must be an async generator"),
     ({"move": "to the GPU"}, "move must be a function"),
