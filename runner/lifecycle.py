@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from runner.cache import Loader, ModelCache
 from runner.errors import ModelLoadError, RunnerError
 from runner.executor import Executor
 from runner.handle import held_elsewhere, movable, unload_model
-from runner.hub import ModelFiles
+from runner.hub import ModelFiles, repo_folder
 from runner.memory import CudaMemory, HostMemory, Memory
 from runner.registry import ModelEntry, Registry
 from runner.settings import Settings
@@ -125,13 +126,22 @@ class Models:
         self.hooks[entry.pipeline].move(model, target)
 
     def _build_tiny(self, entry: ModelEntry) -> None:
-        """Tiny checkpoints are written once, when the entry's files are missing; the file lock
-        keeps two processes sharing TINY_DIR from writing the same folder at once."""
+        """Tiny checkpoints are the runner's own cache: written when the entry's files are
+        missing, checked like MODEL_DIR's when they are there, and written again when broken
+        (a truncated file, an interrupted write), said once in the log. The file lock keeps two
+        processes sharing TINY_DIR from writing the same folder at once."""
         self.model_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.model_dir / ".build.lock")):
             if not self.files(entry).present(entry.sources()):
                 log.info("tiny mode: writing a random-weight %s for %s", entry.kind, entry.id)
-                self.hooks[entry.pipeline].build_tiny(entry, self.model_dir)
+            elif problems := self._file_check(entry):
+                log.warning("tiny mode: the random-weight files of %s are broken (%s); writing "
+                            "them again", entry.id, "; ".join(problems))
+                for source in entry.sources():
+                    shutil.rmtree(repo_folder(self.model_dir, source.repo), ignore_errors=True)
+            else:
+                return
+            self.hooks[entry.pipeline].build_tiny(entry, self.model_dir)
 
     def float_bytes(self, entry: ModelEntry) -> int:
         """Bytes per float at the entry's serving precision (CPU always runs float32)."""
@@ -319,9 +329,10 @@ class Models:
 
     def entry_problems(self, entry: ModelEntry) -> list[str]:
         """What `entry`'s files lack (runner/checkpoints.py, or the pipeline's own check);
-        nothing in tiny mode, which writes its own files."""
-        if self.tiny:
-            return []
+        nothing in tiny mode, which checks and writes its own files (`_build_tiny`)."""
+        return [] if self.tiny else self._file_check(entry)
+
+    def _file_check(self, entry: ModelEntry) -> list[str]:
         try:
             problems = self.hooks[entry.pipeline].file_problems(entry, self.files(entry))
         except RunnerError as exc:  # e.g. a backend setting that names nothing
