@@ -10,6 +10,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from prometheus_client import make_asgi_app
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runner import __version__, errors, live, routes, views
 from runner.middleware import BodyLimit, InFlight, JsonBodies
@@ -97,13 +99,32 @@ def create_app(settings: Settings | None = None,
     app.add_middleware(views.PipelineViews,
                        views=views.table(list(service.specs), service.registry))
     routes.install(app, service, settings)
-    app.mount("/metrics", make_asgi_app())
+    install_metrics(app)
     log.info("serving %s in %s mode from %s", ", ".join(service.specs), service.mode,
              service.model_dir)
     if len(service.specs) > 1:
         log.info("go-livepeer: list each pipeline in aiModels.json with its own url, "
                  "http://<this host>:%d%s/<pipeline>[/<model_id>]", settings.port, views.PREFIX)
     return app
+
+
+def install_metrics(app: FastAPI) -> None:
+    """The Prometheus exposition at GET /metrics itself, the path scrape configs name (a mount
+    alone answers it with a redirect to /metrics/, which keeps working too)."""
+    exposition = make_asgi_app()
+    app.router.routes.append(Route("/metrics", Endpoint(exposition), methods=["GET"],
+                                   include_in_schema=False))
+    app.mount("/metrics", exposition)
+
+
+class Endpoint:
+    """An ASGI app as a route's endpoint: a route calls a plain function with a Request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 def drainer(service: Service) -> Callable[[], None]:

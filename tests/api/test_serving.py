@@ -123,6 +123,18 @@ def test_idle_model_is_evicted_under_a_small_budget(app_client, make_settings):
     assert evictions() == before + 1
 
 
+def test_metrics_answer_at_the_path_scrapers_use(echo):
+    """GET /metrics is the exposition itself (Prometheus does not follow a redirect to
+    /metrics/ unless told to); /metrics/ keeps answering too."""
+    assert echo.post("/echo-image", files={"image": PNG}).status_code == 200
+    for path in ("/metrics", "/metrics/"):
+        r = echo.get(path, follow_redirects=False)
+        assert r.status_code == 200, (path, r.status_code, r.headers.get("location"))
+        assert r.headers["content-type"].startswith("text/plain")
+        assert 'runner_requests_total{pipeline="echo-image",status="200"}' in r.text, path
+    assert echo.post("/metrics").status_code == 405
+
+
 def test_a_model_that_can_never_fit_is_422(app_client, make_settings):
     client = app_client(echo_settings(make_settings, vram_budget=1_000_000), echo_modules())
     r = client.post("/echo-image", files={"image": PNG}, data={"model_id": "test/echo-huge"})
