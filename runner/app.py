@@ -14,6 +14,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runner import __version__, errors, live, routes, views
+from runner.backpressure import BusyLog
 from runner.middleware import BodyLimit, InFlight, JsonBodies
 from runner.registry import Registry
 from runner.service import Service
@@ -86,7 +87,7 @@ def create_app(settings: Settings | None = None,
                   version=__version__, lifespan=lifespan)
     app.state.service = service
     app.state.decodable = routes.decodable(service, settings)
-    errors.install(app)
+    errors.install(app, on_busy=BusyLog(settings.busy_log_seconds).refused)
     app.add_middleware(JsonBodies, paths=routes.json_paths(service))
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_bytes),
                        decodable=app.state.decodable,

@@ -28,7 +28,7 @@ from typing import Any
 import anyio
 
 from runner import metrics
-from runner.errors import FieldError, Unavailable
+from runner.errors import Busy, BusyReason, FieldError
 from runner.footprint import walk
 from runner.memory import HostMemory, Memory
 from runner.registry import ModelEntry
@@ -325,7 +325,7 @@ class ModelCache:
             if slot.moving is None:
                 slot.moving = asyncio.ensure_future(self._bring(slot))
             # Shielded: one client going away must not cancel a load others are waiting on.
-            await _until(asyncio.shield(slot.moving), deadline,
+            await _until(asyncio.shield(slot.moving), deadline, slot.entry.id,
                          f"{slot.entry.id} is still loading", slot.reload_seconds("none"))
 
     async def _bring(self, slot: Slot) -> None:
@@ -475,16 +475,16 @@ class ModelCache:
                 if self.free > before:
                     continue
             if self._stuck(slot):
-                metrics.REJECTED.labels(slot.entry.id, "no_room").inc()
                 event("reject", model=slot.entry.id, bytes=nbytes, free=self.free,
                       reason="held_by_waiters")
-                raise Unavailable(f"{slot.entry.id} needs device memory that models held by "
-                                  "other waiting requests keep; retry shortly",
-                                  retry_after=math.ceil(self._retry_after()))
+                raise Busy(slot.entry.id, BusyReason.NO_ROOM,
+                           f"{slot.entry.id} needs device memory that models held by other "
+                           "waiting requests keep; retry shortly",
+                           retry_after=math.ceil(self._retry_after()))
             changed = self._changed
             slot.waiting += 1
             try:
-                await _until(changed.wait(), deadline,
+                await _until(changed.wait(), deadline, slot.entry.id,
                              f"{slot.entry.id} is waiting for device memory",
                              self._retry_after())
             finally:
@@ -533,14 +533,15 @@ class ModelCache:
                 f"beside its pinned models ({max(0, limit) >> 20} MiB)")
         plan = self._plan(needed - self.free, keep)
         if not plan:
-            metrics.REJECTED.labels(keep.entry.id, "no_room").inc()
             event("reject", model=keep.entry.id, bytes=needed, free=self.free, reason="busy")
-            raise Unavailable(f"no room to load {keep.entry.id} while other models are busy; "
-                              "retry shortly", retry_after=math.ceil(self._retry_after()))
+            raise Busy(keep.entry.id, BusyReason.NO_ROOM,
+                       f"no room to load {keep.entry.id} while other models are busy; retry "
+                       "shortly", retry_after=math.ceil(self._retry_after()))
         await self._execute(plan, reason=f"load {keep.entry.id}")
         if needed > self.free:
-            raise Unavailable(f"could not free enough memory to load {keep.entry.id}; retry "
-                              "shortly", retry_after=math.ceil(self._retry_after()))
+            raise Busy(keep.entry.id, BusyReason.NO_ROOM,
+                       f"could not free enough memory to load {keep.entry.id}; retry shortly",
+                       retry_after=math.ceil(self._retry_after()))
 
     def _plan(self, shortfall: int, keep: Slot | None) -> list[tuple[Slot, str]]:
         """Idle device models to move out, and where to, freeing at least `shortfall` bytes at
@@ -744,7 +745,8 @@ class TooLarge(FieldError):
         self.nbytes, self.largest = nbytes, largest
 
 
-async def _until(waitable: Any, deadline: float | None, what: str, retry_after: float) -> None:
+async def _until(waitable: Any, deadline: float | None, model: str, what: str,
+                 retry_after: float) -> None:
     """Await `waitable` until the request's deadline; past it the request gives up its place
     with a 503 (whatever it waited on goes on for the others)."""
     if deadline is None:
@@ -754,5 +756,5 @@ async def _until(waitable: Any, deadline: float | None, what: str, retry_after: 
     try:
         await asyncio.wait_for(waitable, max(0.0, remaining))
     except TimeoutError:
-        raise Unavailable(f"{what}; the request's queue deadline passed",
-                          retry_after=max(1, math.ceil(retry_after))) from None
+        raise Busy(model, BusyReason.DEADLINE, f"{what}; the request's queue deadline passed",
+                   retry_after=max(1, math.ceil(retry_after))) from None

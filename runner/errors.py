@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from enum import StrEnum
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -78,13 +79,34 @@ class ClientClosed(RunnerError):
 
 
 class Unavailable(RunnerError):
-    """Waiting would help: queue full, model cannot fit right now."""
+    """Waiting would help: the runner is busy (`Busy`), or a backend it needs is down."""
 
     status_code = 503
 
     def __init__(self, msg: str, retry_after: int = 1):
         super().__init__(msg)
         self.headers = {"Retry-After": str(max(1, int(retry_after)))}
+
+
+class BusyReason(StrEnum):
+    """Why a request was refused for now: the `reason` of `runner_rejected_total`."""
+
+    QUEUE_FULL = "queue_full"  # its model's lane holds max_concurrency + MAX_QUEUE
+    RUNNER_FULL = "runner_full"  # MAX_QUEUE_TOTAL requests in hand
+    DEADLINE = "deadline"  # QUEUE_TIMEOUT passed while it waited for model, turn or memory
+    NO_ROOM = "no_room"  # the device memory it needs is held by models in use
+    IN_USE = "in_use"  # an unload asked of a model that is serving
+
+
+class Busy(Unavailable):
+    """Backpressure, not a failure: the runner is full for now and a retry after Retry-After
+    will likely be served. Answered like any `Unavailable`, but counted and logged as normal
+    operation (runner/backpressure.py), never at ERROR."""
+
+    def __init__(self, model: str, reason: BusyReason, msg: str, retry_after: int = 1):
+        super().__init__(msg, retry_after)
+        self.model = model
+        self.reason = reason
 
 
 class FieldError(RunnerError):
@@ -156,11 +178,17 @@ def answer(request: Request, status: int, msg: str,
     return JSONResponse(error_body(msg), status_code=status, headers=headers)
 
 
-def _runner_error(request: Request, exc: RunnerError) -> Response:
+def _runner_error(request: Request, exc: RunnerError,
+                  on_busy: Callable[[Busy], None]) -> Response:
+    """Busy answers go to `on_busy` (counted, logged at most now and then); a failure an
+    operator must act on (5xx) is logged at ERROR; a client's mistake (4xx) is only its
+    answer (and uvicorn's access line)."""
     if isinstance(exc, FieldError):
         return _validation_list(request, [{"loc": ["body", exc.field], "msg": exc.msg,
                                            "type": exc.type}])
-    if exc.status_code >= 500:
+    if isinstance(exc, Busy):
+        on_busy(exc)
+    elif exc.status_code >= 500:
         log.error("%s: %s", type(exc).__name__, exc.msg, exc_info=exc.__cause__)
     return answer(request, exc.status_code, exc.msg, exc.headers)
 
@@ -193,10 +221,15 @@ def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body("Internal server error"), status_code=500)
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, on_busy: Callable[[Busy], None]) -> None:
+    """The handlers for every error; each busy answer is also handed to `on_busy`."""
+
+    def runner_error(request: Request, exc: RunnerError) -> Response:
+        return _runner_error(request, exc, on_busy)
+
     # Starlette types every handler as taking any Exception, though it only ever passes one
     # the class it is registered for: a narrower parameter is the documented use.
-    app.add_exception_handler(RunnerError, _runner_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RunnerError, runner_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)

@@ -2,7 +2,8 @@
 
 Each model has a lane: at most `max_concurrency` runs at once, at most `max_queue` more waiting;
 past that the request is refused at once with 503 and a Retry-After estimated from recent
-service times, instead of piling up until go-livepeer's timeouts fire.
+service times, instead of piling up until go-livepeer's timeouts fire. Refusals are `Busy`:
+counted and logged where they are answered (runner/backpressure.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 import anyio
 
 from runner import metrics
-from runner.errors import InferenceError, RunnerError, Unavailable
+from runner.errors import Busy, BusyReason, InferenceError, RunnerError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,13 +60,13 @@ class Executor:
     async def admit(self, key: str, concurrency: int) -> AsyncIterator[Lane]:
         lane = self._lanes.setdefault(key, Lane(key, concurrency))
         if lane.pending >= lane.concurrency + self.max_queue:
-            metrics.REJECTED.labels(key, "queue_full").inc()
-            raise Unavailable(f"{key} has {lane.pending} requests queued; retry later",
-                              retry_after=lane.retry_after())
+            raise Busy(key, BusyReason.QUEUE_FULL,
+                       f"{key} has {lane.pending} requests queued; retry later",
+                       retry_after=lane.retry_after())
         if self.max_total is not None and self.pending >= self.max_total:
-            metrics.REJECTED.labels(key, "runner_full").inc()
-            raise Unavailable(f"this runner has {self.pending} requests in hand; retry later",
-                              retry_after=self._retry_after())
+            raise Busy(key, BusyReason.RUNNER_FULL,
+                       f"this runner has {self.pending} requests in hand; retry later",
+                       retry_after=self._retry_after())
         lane.pending += 1
         metrics.QUEUE_DEPTH.labels(key).set(lane.pending)
         try:
@@ -95,9 +96,9 @@ class Executor:
         with anyio.move_on_after(timeout) as scope:
             await lane.limiter.acquire()
         if scope.cancelled_caught:
-            metrics.REJECTED.labels(lane.key, "deadline").inc()
-            raise Unavailable(f"{lane.key}: the request's queue deadline passed before its turn",
-                              retry_after=lane.retry_after())
+            raise Busy(lane.key, BusyReason.DEADLINE,
+                       f"{lane.key}: the request's queue deadline passed before its turn",
+                       retry_after=lane.retry_after())
         started = time.monotonic()
         metrics.QUEUE_WAIT_SECONDS.labels(lane.key).observe(started - queued)
         try:

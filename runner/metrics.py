@@ -16,8 +16,9 @@ QUEUE_WAIT_SECONDS = Histogram(
 QUEUE_DEPTH = Gauge("runner_queue_depth", "Requests admitted and not yet finished", ["model"])
 CANCELLED = Counter("runner_cancelled_total",
                     "Requests whose client went away mid-run (the run was stopped)")
-REJECTED = Counter("runner_rejected_total", "Requests refused (503, or 422 when too large)",
-                   ["model", "reason"])
+REJECTED = Counter("runner_rejected_total",
+                   "Requests refused: busy for now (every runner.errors.BusyReason) or too "
+                   "large ever to fit (too_large, a 422)", ["model", "reason"])
 
 CACHE_REQUESTS = Counter("runner_cache_requests_total",
                          "Requests whose model was on the device (hit) or not (miss)",

@@ -17,7 +17,7 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request as HTTPRequest
 
 from runner import errors, hardware, metrics, openai, views
-from runner.errors import ClientClosed, FieldError, RunnerError, Unauthorized, Unavailable
+from runner.errors import Busy, BusyReason, ClientClosed, FieldError, RunnerError, Unauthorized
 from runner.protocol import (
     HardwareInformation,
     HardwareStats,
@@ -256,8 +256,8 @@ def models_router(service: Service, settings: Settings) -> APIRouter:
     async def unload(model_id: str, pipeline: str = "") -> dict:
         entry = entry_for(model_id, pipeline)
         if not await service.cache.unload(entry):
-            raise Unavailable(f"{entry.id} is serving requests; retry when they finish",
-                              retry_after=1)
+            raise Busy(entry.id, BusyReason.IN_USE,
+                       f"{entry.id} is serving requests; retry when they finish", retry_after=1)
         return state(entry)
 
     return router

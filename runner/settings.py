@@ -80,6 +80,11 @@ class Settings(BaseSettings):
         240.0, description="Seconds a request may wait for its model, turn and memory; 0 = "
         "no limit. go-livepeer sends a cold container its request while it loads (up to 3 "
         "minutes before it gives up on it), so this covers a cold load.")
+    busy_log_seconds: float = Field(
+        10.0, ge=0, description="A model's busy answers (full queue, deadline passed, no room "
+        "now) are logged at WARNING at most once per this many seconds, each line saying how "
+        "many were refused since the last; runner_rejected_total counts every one. 0 = a line "
+        "for each.")
     error_statuses: Literal["go-livepeer", "http"] = Field(
         "go-livepeer", description="go-livepeer: the contract routes answer only statuses "
         "go-livepeer's client decodes for each (busy is a 500 'insufficient capacity: ...' with "

@@ -1,5 +1,7 @@
 """Every error status the runner answers with, and its body shape."""
 
+import logging
+
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -28,7 +30,7 @@ def envelope(response) -> str:
 ])
 def test_typed_errors_use_the_contract_envelope(exc, status):
     app = FastAPI()
-    errors.install(app)
+    errors.install(app, on_busy=lambda exc: None)
 
     @app.get("/x")
     def raise_it():
@@ -43,9 +45,34 @@ def test_typed_errors_use_the_contract_envelope(exc, status):
         assert r.headers["retry-after"] == "7"
 
 
+@pytest.mark.parametrize("exc, level", [
+    (errors.BadRequest("bad"), None),  # a client's mistake is its answer, not an operator's
+    (errors.Unauthorized("who"), None),
+    (errors.FieldError("model_id", "unknown"), None),
+    (errors.Busy("p:m", errors.BusyReason.QUEUE_FULL, "full"), None),  # handed to on_busy
+    (errors.Unavailable("the daemon is down"), logging.ERROR),  # an operator must act
+    (errors.InferenceError("boom"), logging.ERROR),
+    (errors.ModelLoadError("gone"), logging.ERROR),
+])
+def test_only_what_an_operator_must_act_on_is_logged_at_error(exc, level, caplog):
+    busy: list[errors.Busy] = []
+    app = FastAPI()
+    errors.install(app, on_busy=busy.append)
+
+    @app.get("/x")
+    def raise_it():
+        raise exc
+
+    caplog.set_level(logging.DEBUG, logger="runner.errors")
+    TestClient(app, raise_server_exceptions=False).get("/x")
+    assert [r.levelno for r in caplog.records if r.name == "runner.errors"] == \
+        ([level] if level else [])
+    assert busy == ([exc] if isinstance(exc, errors.Busy) else [])
+
+
 def test_unexpected_exception_is_a_generic_500():
     app = FastAPI()
-    errors.install(app)
+    errors.install(app, on_busy=lambda exc: None)
 
     @app.get("/x")
     def raise_it():
