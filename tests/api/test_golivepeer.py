@@ -29,8 +29,9 @@ from runner.settings import Settings
 from tests.conftest import echo_modules, echo_settings, png_bytes, wait_ready
 from tests.support import echo_pipeline, golivepeer
 from tests.support.contract import contract
+from tests.support.echo_pipeline import Hold, held
 from tests.support.golivepeer import ContainerWatch, Health
-from tests.support.helpers import free_port
+from tests.support.helpers import HANG_S, free_port, patient, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PNG = ("a.png", png_bytes(), "image/png")
@@ -52,7 +53,7 @@ def first_check(http: httpx.Client, watch: ContainerWatch) -> None:
     assert ready, watch.events
 
 
-def watch_until(http: httpx.Client, watch: ContainerWatch, done, timeout: float = 60) -> None:
+def watch_until(http: httpx.Client, watch: ContainerWatch, done, timeout: float = HANG_S) -> None:
     """watchContainer's ticks, faster than its 5 s, until `done(watch)`."""
     started = time.monotonic()
     while not done(watch):
@@ -67,23 +68,25 @@ def watch_until(http: httpx.Client, watch: ContainerWatch, done, timeout: float 
 def test_a_warm_container_enters_the_pool_once_loaded_and_stays_out_while_busy(live_server,
                                                                                make_settings):
     """Borrowed at its first LOADING, handed back at IDLE; a job makes it OK (go-livepeer
-    leaves it where it is), and it is IDLE again when the job is done."""
+    leaves it where it is), and it is IDLE again when the job is done. The load and the job
+    are held until the test has seen what it needs."""
     server = live_server(create_app(echo_settings(make_settings, model_id="test/echo-slow"),
                                     echo_modules()))
     watch = ContainerWatch(warm=True)
     with server.client() as http:
-        first_check(http, watch)
+        with held(Hold.LOAD):
+            first_check(http, watch)
         assert watch.events == ["first check: LOADING"] and watch.borrowed
         watch_until(http, watch, lambda w: w.serves)
         seen = []
         job = threading.Thread(target=lambda: http.post(
-            "/echo-image", files={"image": PNG}, data={"sleep": "1"}))
-        job.start()
-        while job.is_alive():
-            seen.append(health(http).status)
-            time.sleep(0.05)
-        job.join()
-        assert "OK" in seen and set(seen) <= {"OK", "IDLE"}, seen
+            "/echo-image", files={"image": PNG}, data={"hold": "true"}))
+        with held():
+            job.start()
+            wait_until(lambda: seen.append(health(http).status) or seen[-1] == "OK",
+                       "health to say OK while the job runs", step=0.05)
+        job.join(HANG_S)
+        assert not job.is_alive() and set(seen) <= {"OK", "IDLE"}, seen
         assert health(http).status == "IDLE"
 
 
@@ -128,7 +131,7 @@ def test_a_flood_gets_only_answers_go_livepeer_decodes(live_server, make_setting
         stop = threading.Event()
 
         def poll() -> None:
-            with server.client(timeout=5) as own:
+            with server.client(timeout=HANG_S) as own:  # answered, however slowly
                 while not stop.is_set():
                     polls.append(health(own).status)
                     time.sleep(0.05)
@@ -214,7 +217,7 @@ def test_a_missing_default_model_exits_once_before_binding_with_the_download_com
     env = {**os.environ, "PIPELINE": "text-to-image", "DEVICE": "cpu", "TINY": "0",
            "MODEL_DIR": str(tmp_path), "HOST": "127.0.0.1", "PORT": str(port)}
     proc = subprocess.run([sys.executable, "-m", "runner"], env=env, capture_output=True,
-                          text=True, timeout=120, cwd=REPO_ROOT)
+                          text=True, timeout=patient(15), cwd=REPO_ROOT)
     assert proc.returncode == 78, proc.stderr[-2000:]
     command = (f"python scripts/download_models.py --model SG161222/RealVisXL_V4.0_Lightning "
                f"--model CompVis/stable-diffusion-safety-checker --model-dir {tmp_path}")

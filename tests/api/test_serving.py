@@ -8,17 +8,21 @@ import pytest
 
 from runner.app import create_app
 from tests.conftest import echo_modules, echo_settings, png_bytes, wait_ready
-from tests.support.helpers import hook_replaced
+from tests.support import echo_pipeline
+from tests.support.echo_pipeline import Hold, held
+from tests.support.helpers import HANG_S, hook_replaced, wait_until
 
 PNG = ("a.png", png_bytes(), "image/png")
 
 
 def test_health_is_loading_then_ok(live_server, make_settings):
     app = create_app(echo_settings(make_settings, model_id="test/echo-slow"), echo_modules())
-    server = live_server(app)  # the slow default model loads for 1.5 s after the port binds
+    with held(Hold.LOAD):  # the default model loads after the port binds, until the block ends
+        server = live_server(app)
+        with server.client() as http:
+            assert http.get("/health").json() == {"status": "LOADING"}
+            assert http.get("/version").json()["model_id"] == "test/echo-slow"
     with server.client() as http:
-        assert http.get("/health").json() == {"status": "LOADING"}
-        assert http.get("/version").json()["model_id"] == "test/echo-slow"
         assert wait_ready(http) == "IDLE"
         r = http.post("/echo-image", files={"image": PNG})
         assert r.json()["model"] == "test/echo-slow"
@@ -35,30 +39,36 @@ def test_health_is_error_when_the_warm_model_fails_and_others_still_serve(app_cl
     assert r.status_code == 500 and "could not" not in r.text
 
 
+def in_flight(http) -> bool:
+    return any(m["in_flight"] for m in http.get("/models").json()["models"])
+
+
 def test_health_answers_while_a_long_inference_runs(live_server, make_settings):
+    """The run is held (blocking its worker thread) until every health poll is answered: a
+    /health that waited for it would never answer."""
     server = live_server(create_app(echo_settings(make_settings), echo_modules()))
     done = threading.Event()
     result = {}
 
     def long_request():
         with server.client() as http:
-            result["r"] = http.post("/echo-image", files={"image": PNG}, data={"sleep": "3"})
+            result["r"] = http.post("/echo-image", files={"image": PNG}, data={"hold": "true"})
         done.set()
 
-    with server.client(timeout=1.0) as http:
+    with server.client() as http:
         wait_ready(http)
         worker = threading.Thread(target=long_request)
-        worker.start()
-        while not any(m["in_flight"] for m in http.get("/models").json()["models"]):
-            time.sleep(0.01)  # until the long request holds its model
-        latencies = []
-        for _ in range(20):
-            started = time.perf_counter()
-            assert http.get("/health").json() == {"status": "OK"}  # 1 s client timeout
-            latencies.append(time.perf_counter() - started)
-            assert not done.is_set(), "health should answer while the inference still runs"
-            time.sleep(0.05)
-    worker.join()
+        with held():
+            worker.start()
+            wait_until(lambda: in_flight(http), "the long request to hold its model")
+            latencies = []
+            for _ in range(20):
+                started = time.perf_counter()
+                assert http.get("/health").json() == {"status": "OK"}
+                latencies.append(time.perf_counter() - started)
+                assert not done.is_set(), "health should answer while the inference still runs"
+                time.sleep(0.05)
+    worker.join(HANG_S)
     assert result["r"].status_code == 200
     print(f"health latency during inference: max {max(latencies) * 1000:.1f} ms")
 
@@ -74,19 +84,16 @@ def test_full_queue_is_busy_with_retry_after(live_server, make_settings, mode, s
 
     def occupy():
         with server.client() as http:
-            first["r"] = http.post("/echo-image", files={"image": PNG}, data={"sleep": "2"})
+            first["r"] = http.post("/echo-image", files={"image": PNG}, data={"hold": "true"})
 
     with server.client() as http:
         wait_ready(http)
         worker = threading.Thread(target=occupy)
-        worker.start()
-        deadline = time.monotonic() + 10
-        while True:  # until the first request holds the model's only slot
+        with held():  # the first request holds the model's only slot until the block ends
+            worker.start()
+            wait_until(lambda: in_flight(http), "the first request to hold the model")
             r = http.post("/echo-image", files={"image": PNG})
-            if r.status_code == status or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-    worker.join()
+    worker.join(HANG_S)
     assert r.status_code == status
     assert int(r.headers["retry-after"]) >= 1
     assert r.json()["detail"]["msg"].startswith(prefix) and "retry" in r.json()["detail"]["msg"]
@@ -204,17 +211,17 @@ def test_a_busy_model_is_not_unloaded(live_server, make_settings):
 
     def long_request():
         with server.client() as http:
-            http.post("/echo-image", files={"image": PNG}, data={"sleep": "2"})
+            http.post("/echo-image", files={"image": PNG}, data={"hold": "true"})
         done.set()
 
     with server.client() as http:
         wait_ready(http)
-        threading.Thread(target=long_request).start()
-        while not any(m["in_flight"] for m in http.get("/models").json()["models"]):
-            time.sleep(0.01)
-        r = http.post("/models/test/echo-small/unload")
-        assert r.status_code == 503 and r.headers["retry-after"] == "1"
-        done.wait(10)
+        with held():
+            threading.Thread(target=long_request).start()
+            wait_until(lambda: in_flight(http), "the long request to hold its model")
+            r = http.post("/models/test/echo-small/unload")
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert done.wait(HANG_S)
         r = http.post("/models/test/echo-small/unload")
         assert r.status_code == 200 and r.json()["state"] == "cold"
 
@@ -231,34 +238,32 @@ def test_metrics_count_requests_and_time_inference(echo):
 def test_a_client_that_goes_away_stops_its_run_and_frees_its_place(live_server, make_settings):
     """go-livepeer's timeout (or a closed app) drops the connection mid-run: the run stops at
     its next step, the model's only slot is free for the next request, and the request is
-    counted as cancelled."""
+    counted as cancelled. The run is held until the test ends, so only its client's going can
+    stop it."""
+    import socket
+
     import httpx
     from prometheus_client import REGISTRY
-
-    from tests.support import echo_pipeline
 
     def cancelled() -> float:
         return REGISTRY.get_sample_value("runner_cancelled_total") or 0.0
 
     before, stopped = cancelled(), len(echo_pipeline.STOPPED)
     server = live_server(create_app(echo_settings(make_settings, max_queue=0), echo_modules()))
-    with server.client() as http:
+    request = httpx.Request("POST", f"{server.url}/echo-image", files={"image": PNG},
+                            data={"hold": "true"})
+    head = "".join(f"{k}: {v}\r\n" for k, v in request.headers.items())
+    raw = f"POST /echo-image HTTP/1.1\r\n{head}\r\n".encode() + request.read()
+    with server.client() as http, held():
         wait_ready(http)
-        with server.client(timeout=0.5) as impatient:
-            try:
-                impatient.post("/echo-image", files={"image": PNG}, data={"sleep": "30"})
-                raise AssertionError("a 30 s run answered within the client's timeout")
-            except httpx.ReadTimeout:
-                pass
-        deadline = time.monotonic() + 30
-        while len(echo_pipeline.STOPPED) == stopped:  # the run saw its client go
-            assert time.monotonic() < deadline, "the run never saw its client go away"
-            time.sleep(0.02)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=HANG_S) as client:
+            client.sendall(raw)
+            wait_until(lambda: in_flight(http), "the run to start")
+        # The client has gone.
+        wait_until(lambda: len(echo_pipeline.STOPPED) > stopped,
+                   "the run to see its client go away")
         # With MAX_QUEUE=0 the next request would be a 503 if the stopped run held its slot.
-        deadline = time.monotonic() + 10
-        while any(m["in_flight"] for m in http.get("/models").json()["models"]):
-            assert time.monotonic() < deadline, "the stopped run still holds its model"
-            time.sleep(0.02)
+        wait_until(lambda: not in_flight(http), "the stopped run to let go of its model")
         r = http.post("/echo-image", files={"image": PNG})
         assert r.status_code == 200, r.text
     assert cancelled() == before + 1

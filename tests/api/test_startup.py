@@ -10,8 +10,11 @@ import httpx
 import pytest
 
 from tests.conftest import decode_png_url, png_bytes, wait_ready
-from tests.support import golivepeer
-from tests.support.helpers import free_port
+from tests.support.helpers import free_port, patient, wait_until
+
+# A process's start to its port answering, one tiny request, a stop: each takes seconds on a
+# quiet machine (torch and the pipelines imported, a tiny model run), each waited for this long.
+PROCESS_S = patient(15)
 
 
 class Runner(tuple):
@@ -38,14 +41,16 @@ def runner_process(tmp_path, request):
     yield Runner(f"http://127.0.0.1:{port}", log, proc)
     stopping = time.monotonic()
     proc.terminate()
-    # SIGTERM shuts down in order, unloads the models and exits 0 (not by the signal), before
-    # go-livepeer's SIGKILL 8 s after it asked (requests in flight get 5 s of those).
-    assert proc.wait(timeout=30) == 0
-    stopped_in = time.monotonic() - stopping
-    assert stopped_in < golivepeer.STOP_TIMEOUT, f"stopped in {stopped_in:.1f} s"
+    # SIGTERM shuts down in order, unloads the models and exits 0 (not by the signal), with no
+    # wait running out. That it fits go-livepeer's SIGKILL 8 s after it asked is a matter of
+    # the machine: the settings are checked against it (test_containers) and the image check
+    # times it; here it is printed.
+    assert proc.wait(timeout=PROCESS_S) == 0
+    print(f"SIGTERM to exit: {time.monotonic() - stopping:.1f} s")
     log.seek(0)
     text = log.read()
     assert "Application shutdown complete" in text and "cache event=closed" in text
+    assert "timeout graceful shutdown exceeded" not in text
     log.close()
 
 
@@ -60,10 +65,10 @@ def first_answer(url: str, deadline: float) -> httpx.Response:
 
 def test_python_m_runner_serves_tiny_text_to_image(runner_process):
     url, log = runner_process
-    version = first_answer(url, time.monotonic() + 60).json()
+    version = first_answer(url, time.monotonic() + PROCESS_S).json()
     assert version == {"pipeline": "text-to-image", "model_id":
                        "SG161222/RealVisXL_V4.0_Lightning", "version": "9.9.9", "mode": "tiny"}
-    with httpx.Client(base_url=url, timeout=60) as http:
+    with httpx.Client(base_url=url, timeout=PROCESS_S) as http:
         assert wait_ready(http) == "IDLE"
         r = http.post("/text-to-image", json={"prompt": "a cat", "width": 64, "height": 64})
     assert r.status_code == 200, r.text
@@ -75,43 +80,42 @@ def test_python_m_runner_serves_tiny_text_to_image(runner_process):
     assert "tiny mode" in text
 
 
+# The grace a request in flight gets is the machine's to use: long enough for any.
+@pytest.mark.parametrize("runner_process", [{"SHUTDOWN_GRACE_SECONDS": str(int(PROCESS_S))}],
+                         indirect=True)
 def test_sigterm_lets_the_request_in_flight_finish(runner_process):
-    """The fixture sends SIGTERM while a slow request runs; the request still gets its image,
-    and the fixture checks the exit code 0 and the unload."""
+    """SIGTERM while a slow request runs: the request still gets its image, the process exits 0
+    (and the fixture checks the unload)."""
     import signal
     import threading
 
     url, log = runner_process
-    first_answer(url, time.monotonic() + 60)
-    with httpx.Client(base_url=url, timeout=60) as http:
+    first_answer(url, time.monotonic() + PROCESS_S)
+    with httpx.Client(base_url=url, timeout=PROCESS_S) as http:
         assert wait_ready(http) == "IDLE"
         result = {}
         slow = threading.Thread(target=lambda: result.setdefault("r", http.post(
             "/text-to-image", json={"prompt": "a cat", "width": 256, "height": 256,
                                     "num_inference_steps": 12})))
         slow.start()
-        deadline = time.monotonic() + 30
         busy = 'runner_queue_depth{model="text-to-image:SG161222/RealVisXL_V4.0_Lightning"} 1.0'
-        while busy not in http.get("/metrics/").text:
-            assert time.monotonic() < deadline, "the slow request never started"
-            time.sleep(0.02)
+        wait_until(lambda: busy in http.get("/metrics/").text, "the slow request to start",
+                   PROCESS_S)
         stopping = time.monotonic()
         runner_process.proc.send_signal(signal.SIGTERM)
-        slow.join(60)
+        slow.join(PROCESS_S)
     assert result["r"].status_code == 200, result["r"].text
-    runner_process.proc.wait(30)
-    stopped_in = time.monotonic() - stopping
-    print(f"SIGTERM to exit, a request in flight: {stopped_in:.1f} s")
-    assert stopped_in < golivepeer.STOP_TIMEOUT, f"stopped in {stopped_in:.1f} s"
+    assert runner_process.proc.wait(PROCESS_S) == 0
+    print(f"SIGTERM to exit, a request in flight: {time.monotonic() - stopping:.1f} s")
 
 
 @pytest.mark.parametrize("runner_process", [
     {"PIPELINE": "image-to-image,image-to-video,upscale", "TINY": "1"}], indirect=True)
 def test_several_pipelines_in_one_process(runner_process):
     url, _ = runner_process
-    first_answer(url, time.monotonic() + 60)
+    first_answer(url, time.monotonic() + PROCESS_S)
     image = {"image": ("in.png", png_bytes(64, 64), "image/png")}
-    with httpx.Client(base_url=url, timeout=120) as http:
+    with httpx.Client(base_url=url, timeout=PROCESS_S) as http:
         assert wait_ready(http) == "IDLE"
         warm = {m["id"] for m in http.get("/models").json()["models"]}
         assert {"timbrooks/instruct-pix2pix", "stabilityai/stable-video-diffusion-img2vid-xt",
@@ -139,7 +143,7 @@ def test_speech_and_vision_pipelines_in_one_process(runner_process):
     import numpy as np
 
     url, _ = runner_process
-    first_answer(url, time.monotonic() + 60)
+    first_answer(url, time.monotonic() + PROCESS_S)
     buf = io.BytesIO()
     with av.open(buf, "w", format="wav") as container:
         stream = container.add_stream("pcm_s16le", rate=16_000, layout="mono")
@@ -149,7 +153,7 @@ def test_speech_and_vision_pipelines_in_one_process(runner_process):
         container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
     image = {"image": ("in.png", png_bytes(48, 32), "image/png")}
-    with httpx.Client(base_url=url, timeout=120) as http:
+    with httpx.Client(base_url=url, timeout=PROCESS_S) as http:
         assert wait_ready(http) == "IDLE"
         r = http.post("/audio-to-text", files={"audio": ("a.wav", buf.getvalue(), "audio/wav")})
         assert r.status_code == 200 and isinstance(r.json()["text"], str), r.text
@@ -163,9 +167,9 @@ def test_speech_and_vision_pipelines_in_one_process(runner_process):
 @pytest.mark.parametrize("runner_process", [{"PIPELINE": "llm", "TINY": "1"}], indirect=True)
 def test_llm_serves_chat_on_cpu(runner_process):
     url, _ = runner_process
-    first_answer(url, time.monotonic() + 60)
+    first_answer(url, time.monotonic() + PROCESS_S)
     body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
-    with httpx.Client(base_url=url, timeout=60) as http:
+    with httpx.Client(base_url=url, timeout=PROCESS_S) as http:
         assert wait_ready(http) == "IDLE"
         r = http.post("/llm", json=body)
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"

@@ -1,11 +1,17 @@
 """A test-only pipeline module: multipart with an image, Go-style floats and booleans, a JSON
-array field, and a blocking sleep. It goes through the same route generation, cache and
-executor as the real pipelines, which is what the API tests need to see."""
+array field, a blocking sleep, and holds that keep a run in flight or a model loading until the
+test lets them go (`held()`), whatever the machine's speed. It goes through the same route
+generation, cache and executor as the real pipelines, which is what the API tests need to
+see."""
 
 from __future__ import annotations
 
+import enum
 import json
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -31,6 +37,26 @@ class Options(BaseOptions):
 STOPPED: list[str] = []  # models whose run saw its client go away
 
 
+class Hold(enum.Enum):
+    RUN = "run"  # runs sent with hold=true
+    LOAD = "load"  # every model load
+
+
+_gates: dict[Hold, threading.Event] = {}  # the open `held()` blocks' gates
+
+
+@contextmanager
+def held(what: Hold = Hold.RUN) -> Iterator[None]:
+    """While the block runs, what it holds waits (blocking, as `sleep` does; a run stops once
+    its client has gone) and goes on when it ends. Outside such a block nothing waits."""
+    gate = _gates[what] = threading.Event()
+    try:
+        yield
+    finally:
+        del _gates[what]
+        gate.set()
+
+
 class EchoParams(BaseModel):
     image: Upload = Field(description="Any image.")
     model_id: str = ""
@@ -38,6 +64,7 @@ class EchoParams(BaseModel):
     flag: bool = False
     points: str = Field("", description="A JSON array, as go-livepeer sends it.")
     sleep: float = Field(0.0, ge=0, le=30)
+    hold: bool = Field(False, description="Wait while the test's `held()` block runs.")
     fail: bool = Field(False, description="Raise an unexpected error inside run().")
     seed: int | None = None
     size: int | None = None
@@ -63,6 +90,8 @@ def load(entry: ModelEntry, files: ModelFiles, device) -> dict:
 
     folder = files.folder(entry.main.repo)
     time.sleep(Options.of(entry).load_seconds)
+    if (gate := _gates.get(Hold.LOAD)) is not None:
+        gate.wait()
     if Options.of(entry).fail_load:
         raise RuntimeError("this checkpoint is broken on purpose")
     return {"id": entry.id, "weights": load_file(folder / "model.safetensors")}
@@ -82,9 +111,10 @@ def run(model: dict, request: EchoParams, ctx: RunContext) -> EchoResponse:
         deadline = time.monotonic() + request.sleep
         while time.monotonic() < deadline:
             ctx.cancelled.wait(min(0.05, max(0.0, deadline - time.monotonic())))
-            if ctx.cancelled.is_set():
-                STOPPED.append(model["id"])
-            ctx.check_cancelled()
+            stop_if_gone(model, ctx)
+    if request.hold and (gate := _gates.get(Hold.RUN)) is not None:
+        while not gate.wait(0.05):
+            stop_if_gone(model, ctx)
     return EchoResponse(width=image.width, height=image.height, strength=request.strength,
                         flag=request.flag, points=points, seed=request.seed, size=request.size,
                         model=model["id"])
@@ -93,6 +123,13 @@ def run(model: dict, request: EchoParams, ctx: RunContext) -> EchoResponse:
 def working_memory(entry: ModelEntry, files: ModelFiles, request: EchoParams,
                    float_bytes: int) -> int:
     return Options.of(entry).working_bytes
+
+
+def stop_if_gone(model: dict, ctx: RunContext) -> None:
+    """A step of a blocking wait: stop (recorded in STOPPED) once the client has gone."""
+    if ctx.cancelled.is_set():
+        STOPPED.append(model["id"])
+    ctx.check_cancelled()
 
 
 def build_tiny(entry: ModelEntry, model_dir: Path) -> None:

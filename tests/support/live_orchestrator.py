@@ -25,7 +25,8 @@ What the tests read: every heartbeat (`beats`: time, auth, body, status, answer)
 unregister and the proxied sessions. `forget(runner_id)` makes that runner's next heartbeat a
 404, `rotate(runner_id)` a 401; `hold()` keeps heartbeats waiting (never longer than
 `HOLD_LIMIT_S`) so a test can line up a heartbeat in flight with something else. Every wait is
-bounded in time.
+bounded in time, by limits many times what it takes on a quiet machine; the TTL is long enough
+that no runner expires because a busy machine delayed its heartbeats.
 """
 
 from __future__ import annotations
@@ -48,9 +49,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tests.support.helpers import HANG_S, wait_until
+
 MODES = ("persistent", "single-shot")
 READY = ("", "ready")  # isReadyStatus
-HOLD_LIMIT_S = 10.0
+HOLD_LIMIT_S = HANG_S
+TTL = "10m"  # a test that wants a runner gone forgets it: a 404 at its next heartbeat
 PROXY_TIMEOUT_S = 60.0
 GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -141,7 +145,7 @@ class Runner:
 
 
 class LiveOrchestrator:
-    def __init__(self, secret: str = "orch-secret", interval: str = "200ms", ttl: str = "1s",
+    def __init__(self, secret: str = "orch-secret", interval: str = "200ms", ttl: str = TTL,
                  onchain: bool = False, unregister_delay: float = 0.0):
         self.secret = secret
         self.unregister_delay = unregister_delay  # an orchestrator slow to answer
@@ -221,16 +225,10 @@ class LiveOrchestrator:
         with self.lock:
             return list(self.beats), list(self.unregisters)
 
-    def wait_for(self, check: Callable[[], Any], what: str, timeout: float = 10.0,
+    def wait_for(self, check: Callable[[], Any], what: str, timeout: float = HANG_S,
                  step: float = 0.02) -> Any:
         """Poll `check` until it returns something truthy, at most `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if found := check():
-                return found
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-            time.sleep(step)
+        return wait_until(check, what, timeout, step)
 
     # -- the registry -----------------------------------------------------------------------
 
