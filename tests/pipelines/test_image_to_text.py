@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import threading
-import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -17,8 +16,12 @@ from pipelines import image_to_text
 from pipelines.image_to_text import Batcher
 from tests.conftest import png_bytes, post_image, serving
 from tests.support.contract import assert_valid
+from tests.support.helpers import HANG_S, wait_until
 
 BASE = "Salesforce/blip-image-captioning-base"
+# A collection window longer than any wait here: a batch closes because it is full, and one
+# that waited for the window instead would fail the test (its callers would not be back).
+WINDOW_S = 10 * HANG_S
 
 
 def noise_png(width: int, height: int, seed: int = 0) -> bytes:
@@ -52,14 +55,15 @@ def caption_model(client, model_id: str = "") -> image_to_text.CaptionModel:
 
 
 @contextmanager
-def batch_window(model: image_to_text.CaptionModel, seconds: float):
-    """A wider collection window, so concurrent test requests surely meet in one batch."""
-    before = model.batcher.window_s
-    model.batcher.window_s = seconds
+def batches_of(model: image_to_text.CaptionModel, size: int):
+    """Batches of exactly `size` (per key): each closes once full, however long its callers
+    take to arrive, so concurrent test requests surely meet in one."""
+    before = model.batcher.window_s, model.batcher.max_batch_size
+    model.batcher.window_s, model.batcher.max_batch_size = WINDOW_S, size
     try:
         yield
     finally:
-        model.batcher.window_s = before
+        model.batcher.window_s, model.batcher.max_batch_size = before
 
 
 def concurrently(fn, args: list) -> list:
@@ -73,11 +77,12 @@ def concurrently(fn, args: list) -> list:
         except BaseException as exc:  # noqa: BLE001 - handed to the asserting thread
             results[i] = exc
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(args))]
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(args))]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=60)
+        t.join(timeout=HANG_S)
+    assert not any(t.is_alive() for t in threads), "a caller is still waiting"
     return results
 
 
@@ -157,7 +162,7 @@ def test_concurrent_requests_share_generate_calls(i2t):
     alone = [caption(i2t, image, prompt=p) for image, p in zip(images, prompts, strict=True)]
     model = caption_model(i2t)
     calls, items = model.batcher.calls, model.batcher.items
-    with batch_window(model, 0.5):
+    with batches_of(model, 2):  # each group (4 and 2) is an even number
         together = concurrently(lambda i: caption(i2t, images[i], prompt=prompts[i]),
                                 list(range(len(prompts))))
     assert model.batcher.items - items == len(prompts)
@@ -177,7 +182,7 @@ def test_a_failed_batch_fails_each_caller_and_the_next_batch_works(i2t, monkeypa
 
     monkeypatch.setattr(model.model, "generate", broken)
     failures = model.batcher.failures
-    with batch_window(model, 0.5):
+    with batches_of(model, 3):
         responses = concurrently(lambda _: post(i2t), [0, 1, 2])
     assert [r.status_code for r in responses] == [500, 500, 500]
     for r in responses:
@@ -199,7 +204,7 @@ class Recorder:
     def __call__(self, items: list) -> list:
         self.batches.append(list(items))
         if self.gate is not None:
-            assert self.gate.wait(10)
+            assert self.gate.wait(HANG_S)
         if "bad" in items:
             raise ValueError("bad item")
         return [f"{item}!" for item in items]
@@ -207,7 +212,7 @@ class Recorder:
 
 def test_batcher_results_follow_their_callers():
     fn = Recorder()
-    batcher = Batcher(fn, max_batch_size=8, window_s=0.5)
+    batcher = Batcher(fn, max_batch_size=5, window_s=WINDOW_S)
     results = concurrently(batcher.submit, [f"item{i}" for i in range(5)])
     assert results == [f"item{i}!" for i in range(5)]
     assert len(fn.batches) == 1 and sorted(fn.batches[0]) == [f"item{i}" for i in range(5)]
@@ -216,17 +221,15 @@ def test_batcher_results_follow_their_callers():
 
 def test_batcher_closes_a_full_batch_without_waiting():
     fn = Recorder()
-    batcher = Batcher(fn, max_batch_size=2, window_s=10.0)
-    started = time.monotonic()
-    results = concurrently(batcher.submit, list(range(4)))
-    assert time.monotonic() - started < 5  # two full batches: no one waited the window
+    batcher = Batcher(fn, max_batch_size=2, window_s=WINDOW_S)
+    results = concurrently(batcher.submit, list(range(4)))  # no one is left waiting
     assert results == [f"{i}!" for i in range(4)]
     assert sorted(len(b) for b in fn.batches) == [2, 2]
 
 
 def test_batcher_keeps_keys_apart():
     fn = Recorder()
-    batcher = Batcher(fn, max_batch_size=8, window_s=0.5)
+    batcher = Batcher(fn, max_batch_size=2, window_s=WINDOW_S)  # a mixed pair would be full
     items = ["a1", "b1", "a2", "b2"]
     results = concurrently(lambda item: batcher.submit(item, key=item[0]), items)
     assert results == ["a1!", "b1!", "a2!", "b2!"]
@@ -235,18 +238,21 @@ def test_batcher_keeps_keys_apart():
 
 def test_batcher_failure_reaches_every_caller_and_the_next_batch_runs():
     fn = Recorder()
-    batcher = Batcher(fn, max_batch_size=8, window_s=0.3)
+    batcher = Batcher(fn, max_batch_size=3, window_s=WINDOW_S)
     results = concurrently(batcher.submit, ["x", "bad", "y"])
     assert all(isinstance(r, ValueError) for r in results), results
     assert batcher.failures == 1 and batcher.pending == 0
+    batcher.window_s = 0.0  # a batch of one runs at once
     assert batcher.submit("z") == "z!"
     assert fn.batches[-1] == ["z"]
 
 
 def test_batcher_rejects_a_wrong_number_of_results():
-    batcher = Batcher(lambda items: items[:1], window_s=0.3)  # one result, whatever the batch
+    batcher = Batcher(lambda items: items[:1], max_batch_size=2,
+                      window_s=WINDOW_S)  # one result, whatever the batch
     results = concurrently(batcher.submit, [1, 2])
     assert all(isinstance(r, RuntimeError) for r in results), results
+    batcher.window_s = 0.0
     assert batcher.submit(3) == 3  # a batch of one: one result, as it should be
 
 
@@ -256,20 +262,17 @@ def test_batcher_fills_the_next_batch_while_one_runs():
     batcher = Batcher(fn, max_batch_size=8, window_s=0.0)  # no collection window at all
     first = threading.Thread(target=batcher.submit, args=("first",))
     first.start()
-    while not fn.batches:
-        time.sleep(0.005)
+    wait_until(lambda: fn.batches, "the first batch to run", step=0.005)
     later: list = []
     threads = [threading.Thread(target=lambda i=i: later.append(batcher.submit(f"later{i}")))
                for i in range(3)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 10
-    while batcher.pending < 3:  # all three wait for the first batch to finish, together
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    # all three wait for the first batch to finish, together
+    wait_until(lambda: batcher.pending >= 3, "three waiting items", step=0.005)
     gate.set()
     for t in [first, *threads]:
-        t.join(timeout=10)
+        t.join(timeout=HANG_S)
     assert fn.batches[0] == ["first"]
     assert sorted(fn.batches[1]) == ["later0", "later1", "later2"] and len(fn.batches) == 2
     assert sorted(later) == ["later0!", "later1!", "later2!"]
