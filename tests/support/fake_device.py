@@ -28,6 +28,7 @@ from typing import Any
 import runner.cache
 from runner.cache import Loader, ModelCache
 from runner.registry import ModelEntry
+from tests.support.helpers import HANG_S
 
 PREFIX = "test/"
 
@@ -172,7 +173,7 @@ class FakeLoader:
             self.started[(op, model_id)].set()
         gate = self.gates.get((op, model_id))
         if gate is not None:
-            assert gate.wait(5), f"test never opened the {op} gate of {model_id}"
+            assert gate.wait(HANG_S), f"test never opened the {op} gate of {model_id}"
         if self.delay:
             time.sleep(self.delay)
 
@@ -262,14 +263,14 @@ async def run(cache: ModelCache, e: ModelEntry, estimate: int, *,
 
 
 async def wait_for_thread_event(event: threading.Event, what: str = "the load") -> None:
-    for _ in range(500):
-        if event.is_set():
-            return
+    end = time.monotonic() + HANG_S
+    while not event.is_set():
+        if time.monotonic() > end:
+            raise AssertionError(f"{what} never started")
         await asyncio.sleep(0.01)
-    raise AssertionError(f"{what} never started")
 
 
-async def eventually(check: Callable[[], bool], seconds: float = 2.0) -> None:
+async def eventually(check: Callable[[], bool], seconds: float = HANG_S) -> None:
     """Poll `check` while the cache's background tasks (a pinned model's restore) run."""
     end = time.monotonic() + seconds
     while not check():

@@ -18,7 +18,6 @@ foreign memory coming and going, out-of-memory errors. After every step:
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +26,15 @@ from hypothesis import strategies as st
 
 from runner.cache import ModelCache, Reservation
 from runner.errors import FieldError, Unavailable
-from tests.support.fake_device import FakeDevice, FakeLoader, FakeModel, cheap_gc, entry
+from tests.support.fake_device import (
+    FakeDevice,
+    FakeLoader,
+    FakeModel,
+    cheap_gc,
+    entry,
+    eventually,
+)
+from tests.support.helpers import HANG_S
 
 BUDGET = 100
 
@@ -225,17 +232,16 @@ def check_trace(models: list[tuple[int, float, int]], config: dict[str, Any],
         for r in requests:
             r.done.set()
         pending = [*background, *(r.task for r in requests)]
-        done, not_done = await asyncio.wait(pending, timeout=5) if pending else (set(), set())
+        done, not_done = (await asyncio.wait(pending, timeout=HANG_S) if pending
+                          else (set(), set()))
         assert not not_done, f"{len(not_done)} requests never finished"
         for task in done:
             if task.exception() is not None:
                 raise task.exception()
         await settle()
         check("end", after_rebalance=False)
-        for _ in range(100):  # a pinned model's restore may still be under way
-            if all(s.moving is None for s in cache._slots.values()):
-                break
-            await asyncio.sleep(0.005)
+        # a pinned model's restore may still be under way
+        await eventually(lambda: all(s.moving is None for s in cache._slots.values()))
         assert all(d["in_flight"] == 0 for d in cache.describe())
         assert cache.running_bytes == 0 and all(s.idle for s in cache._slots.values())
         # The cache's books and the device agree once nothing moves.
@@ -283,14 +289,13 @@ def test_random_traces_keep_the_cache_invariants(models, config, ops):
 
 
 def test_trace_with_every_feature_runs_long():
-    """One long fixed trace, so every run exercises leaks, daemons, host drops and pins."""
+    """One long fixed trace, so every run exercises leaks, daemons, host drops and pins. (That
+    it ends at all is checked: every request must finish within HANG_S once let go.)"""
     ops = [("pin", 0, 0), ("start", 1, 20), ("start", 2, 30), ("start", 3, 10),
            ("foreign", 40, 0), ("finish", 0, 0), ("oom", 0, 0), ("start", 4, 50),
            ("finish", 1, 0), ("unload", 3, 0), ("foreign", 0, 0), ("start", 0, 40),
            ("start", 3, 15), ("pin", 2, 0), ("finish", 0, 0), ("finish", 0, 0),
            ("foreign", 55, 0), ("start", 1, 60), ("unload", 0, 0), ("finish", 2, 0),
            ("oom", 1, 0), ("foreign", 10, 0), ("start", 2, 25), ("finish", 0, 0)]
-    started = time.monotonic()
     check_trace([(40, 1.0, 20), (25, 1.25, 10), (30, 0.75, 35), (15, 1.0, 5), (35, 1.0, 15)],
                 {"host_budget": 60, "special": ["external", "leaky"], "delay": 0.001}, ops)
-    assert time.monotonic() - started < 10

@@ -32,7 +32,7 @@ from runner.registry import Registry
 from runner.settings import OPTIMISATION_FLAGS, REPO_ROOT, Settings
 from runner.spec import discover
 from tests.support import golivepeer
-from tests.support.helpers import free_port
+from tests.support.helpers import HANG_S, free_port
 
 
 def load(path: Path):
@@ -734,12 +734,14 @@ class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a): pass
 server = http.server.HTTPServer(("127.0.0.1", int(os.environ["OLLAMA_HOST"].rsplit(":", 1)[1])), H)
 server.timeout = 0.1
-deadline = time.time() + float(os.environ.get("FAKE_LIFETIME", "30"))
-while time.time() < deadline:
+deadline = time.time() + float(os.environ["FAKE_LIFETIME"])
+while time.time() < deadline and not os.path.exists(os.environ.get("FAKE_STOP", "")):
     server.handle_request()
 sys.exit(7)
 '
 """
+# The fake daemon serves until the file FAKE_STOP names exists (the test's "it dies now"), or
+# for FAKE_LIFETIME seconds, longer than any test needs it: it then exits 7.
 
 
 
@@ -756,17 +758,18 @@ def fake_ollama(tmp_path):
     (bin_dir / "ollama").write_text(FAKE_OLLAMA.format(python=sys.executable))
     (bin_dir / "ollama").chmod(0o755)
 
-    def start(*command: str, lifetime: float = 30, background: bool = False,
-              env: dict[str, str] | None = None):
+    def start(*command: str, background: bool = False, env: dict[str, str] | None = None):
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
                "OLLAMA_HOST": f"http://127.0.0.1:{free_port()}",
                "OLLAMA_MODELS": str(tmp_path / "models" / "ollama"),
-               "FAKE_LIFETIME": str(lifetime), **(env or {})}
+               "FAKE_LIFETIME": str(HANG_S), "FAKE_STOP": str(tmp_path / "daemon-dies"),
+               **(env or {})}
         argv = ["bash", str(REPO_ROOT / "docker" / "llm-entrypoint.sh"), *command]
         if background:
             return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
-        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+        return subprocess.run(argv, env=env, capture_output=True, text=True,
+                              timeout=2 * HANG_S)
 
     return start
 
@@ -779,9 +782,11 @@ def test_entrypoint_exits_with_the_commands_status(fake_ollama, tmp_path):
 
 
 def test_entrypoint_stops_the_runner_when_the_daemon_dies(fake_ollama):
-    done = fake_ollama("sleep", "30", lifetime=1.5)
-    assert done.returncode == 7
-    assert "ollama serve exited (status 7); stopping sleep" in done.stderr
+    """The command, once started, makes the daemon die (it used to live 1.5 s: a slow start
+    outlived it); the entrypoint stops the command and exits with the daemon's status."""
+    done = fake_ollama("sh", "-c", 'touch "$FAKE_STOP" && exec sleep 30')
+    assert done.returncode == 7, done.stderr
+    assert "ollama serve exited (status 7); stopping sh" in done.stderr
 
 
 # A runner stand-in: on SIGTERM it counts the signals it gets, asks the daemon once more (a
@@ -792,7 +797,7 @@ trap on_term TERM
 echo started > "$SIGNALS"
 while [ "$(wc -l < "$SIGNALS")" -lt 2 ]; do sleep 0.1; done
 sleep 0.5
-curl -fsS --max-time 2 "$OLLAMA_HOST/api/version" > /dev/null || exit 9
+curl -fsS --max-time 60 "$OLLAMA_HOST/api/version" > /dev/null || exit 9
 exit 0
 """
 
@@ -809,7 +814,7 @@ def test_entrypoint_passes_sigterm_to_the_runner_once_and_exits_with_its_status(
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=2 * HANG_S)
     assert proc.returncode == 0, err
     assert signals.read_text().split() == ["started", "term"]
     assert "stopping ollama serve" not in err

@@ -11,7 +11,8 @@ import pytest
 import runner.executor
 from runner.errors import BadRequest, InferenceError, RunnerError, Unavailable
 from runner.executor import Executor
-from tests.support.helpers import run_in_lane
+from tests.support.fake_device import eventually
+from tests.support.helpers import HANG_S, run_in_lane
 
 
 def test_third_request_on_a_full_lane_is_refused_with_retry_after():
@@ -63,7 +64,7 @@ def test_run_limits_concurrency_and_runs_off_the_event_loop():
             running += 1
             peak = max(peak, running)
             threads.add(threading.get_ident())
-        release.wait(2)
+        assert release.wait(HANG_S)
         with lock:
             running -= 1
         return i * 10
@@ -76,10 +77,7 @@ def test_run_limits_concurrency_and_runs_off_the_event_loop():
                 return await run_in_lane(executor, lane, work, i)
 
         tasks = [asyncio.ensure_future(one(i)) for i in range(4)]
-        for _ in range(500):  # until both slots are busy
-            if running == 2:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: running == 2)  # until both slots are busy
         await asyncio.sleep(0.05)  # a third run would have started by now
         assert running == 2
         release.set()
