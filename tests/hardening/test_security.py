@@ -27,6 +27,7 @@ from tests.hardening import support
 from tests.hardening.strategies import HOSTILE_IDS
 from tests.hardening.support import rejected
 from tests.support import golivepeer
+from tests.support.helpers import HANG_S
 
 SOURCE_DIRS = ["runner", "pipelines", "scripts", "docker"]
 
@@ -362,9 +363,11 @@ def capped(hardening_dir, models_file):
         yield server
 
 
-def raw_request(server: LiveServer, head: bytes, body: bytes = b"", timeout: float = 10,
+def raw_request(server: LiveServer, head: bytes, body: bytes = b"", timeout: float = HANG_S,
                 read_all: bool = False) -> tuple[int, bytes]:
-    """Sends bytes on a socket; returns the status code and the response bytes."""
+    """Sends bytes on a socket; returns the status code and the response bytes (read until
+    the answer is whole, the server closes, or `timeout` s pass: every caller expects an
+    answer, so the limit only ends a hang)."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as s:
         s.sendall(head)
         try:
@@ -454,7 +457,7 @@ def test_lying_short_content_length_cannot_smuggle_a_second_request(capped):
 def test_malformed_content_length_is_refused_at_the_door(capped, declared):
     head = (b"POST /echo-image HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
             b"boundary=b\r\nContent-Length: " + declared + b"\r\n\r\n")
-    status, data = raw_request(capped, head, b"z" * 10, timeout=5)
+    status, data = raw_request(capped, head, b"z" * 10)
     assert status in (400, 413, 422), (declared, data[:300])
 
 
@@ -479,7 +482,7 @@ def asgi_post(app, path: str, headers: list[tuple[bytes, bytes]], chunks: list[b
              "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
              "query_string": b"", "root_path": "", "headers": headers,
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
-    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), HANG_S))
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return start["status"], body, read

@@ -7,6 +7,7 @@ never stops writing is cut off."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 import threading
 import time
@@ -22,7 +23,8 @@ from runner.app import create_app
 from tests.conftest import echo_modules, echo_settings, wait_ready
 from tests.hardening import support
 from tests.support import golivepeer
-from tests.support.helpers import free_port
+from tests.support.echo_pipeline import held
+from tests.support.helpers import HANG_S, free_port, wait_until
 
 HEAD = b"POST /echo-image HTTP/1.1\r\nHost: x\r\n"
 
@@ -38,10 +40,7 @@ def runner_server(make_settings, **overrides) -> Iterator[tuple[str, object]]:
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
+    wait_until(lambda: server.started, "the server to start", step=0.01)
     url = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=url, timeout=10) as http:
         wait_ready(http)
@@ -54,13 +53,13 @@ def runner_server(make_settings, **overrides) -> Iterator[tuple[str, object]]:
 
 def connect(url: str, send: bytes = b"") -> socket.socket:
     host, port = url.rsplit("//", 1)[1].split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock = socket.create_connection((host, int(port)), timeout=HANG_S)
     if send:
         sock.sendall(send)
     return sock
 
 
-def read_answer(sock: socket.socket, timeout: float = 10) -> bytes:
+def read_answer(sock: socket.socket, timeout: float = HANG_S) -> bytes:
     """A whole HTTP answer: its head, then as many body bytes as Content-Length says (the
     server may send them in separate segments)."""
     sock.settimeout(timeout)
@@ -92,30 +91,33 @@ def test_64_hanging_clients_cannot_keep_health_out(make_settings):
     with runner_server(make_settings, header_timeout=1.5) as (url, _):
         silent = [connect(url) for _ in range(32)]
         partial = [connect(url, HEAD) for _ in range(32)]  # a head that never ends
-        with httpx.Client(base_url=url, timeout=2) as http:  # go-livepeer allows 5 s
+        with httpx.Client(base_url=url, timeout=HANG_S) as http:  # answered, however slowly
             answers = [http.get("/health") for _ in range(20)]
         assert all(r.status_code == 200 and r.json()["status"] == "IDLE" for r in answers)
         # Their deadline passes: the server closes every one of them.
-        assert all(closed_by_server(sock, within=5) for sock in silent + partial)
+        assert all(closed_by_server(sock, within=HANG_S) for sock in silent + partial)
         for sock in silent + partial:
             sock.close()
 
 
 def test_a_trickled_head_is_closed_at_its_deadline(make_settings):
-    with runner_server(make_settings, header_timeout=1.0) as (url, _):
-        sock = connect(url)
-        started = time.monotonic()
-        closed = False
-        for byte in HEAD:  # one byte every 0.1 s: never a whole head within the deadline
+    """A byte every 0.1 s for as long as the connection is open, never a whole head: the
+    deadline (1 s) counts from the opening, not from the last byte, so the server closes it
+    while the bytes still come."""
+    with runner_server(make_settings, header_timeout=1.0) as (url, _), connect(url) as sock:
+        trickle = itertools.chain(HEAD, itertools.repeat(ord("a")))
+        sock.settimeout(0.1)
+
+        def closed() -> bool:
             try:
-                sock.sendall(bytes([byte]))
+                sock.sendall(bytes([next(trickle)]))
+                return sock.recv(4096) == b""
+            except TimeoutError:
+                return False  # still open: the next byte
             except (BrokenPipeError, ConnectionResetError):
-                closed = True
-                break
-            time.sleep(0.1)
-        closed = closed or closed_by_server(sock, within=3)
-        assert closed and time.monotonic() - started < 6
-        sock.close()
+                return True
+
+        wait_until(closed, "the server to close the trickling connection", step=0)
 
 
 def test_a_stalled_body_is_refused_and_the_server_keeps_serving(make_settings):
@@ -133,13 +135,14 @@ def test_a_stalled_body_is_refused_and_the_server_keeps_serving(make_settings):
 
 
 def test_past_the_cap_the_oldest_idle_connections_make_room(make_settings):
-    with runner_server(make_settings, max_connections=16, header_timeout=30) as (url, _):
+    # No head deadline passes during the test: only the cap closes connections.
+    with runner_server(make_settings, max_connections=16, header_timeout=10 * HANG_S) as (url, _):
         socks = [connect(url) for _ in range(40)]
-        time.sleep(0.5)
-        with httpx.Client(base_url=url, timeout=5) as http:
+        # As the server accepts them, in order, the 24 oldest make room for the newest.
+        closed = [s for s in socks[:24] if closed_by_server(s, within=HANG_S)]
+        assert len(closed) == 24
+        with httpx.Client(base_url=url, timeout=HANG_S) as http:
             assert http.get("/health").status_code == 200
-        closed = [s for s in socks[:24] if closed_by_server(s, within=2)]
-        assert len(closed) == 24  # the 24 oldest made room for the newest
         assert not closed_by_server(socks[-1], within=0.2)  # the newest still open
         for sock in socks:
             sock.close()
@@ -147,28 +150,23 @@ def test_past_the_cap_the_oldest_idle_connections_make_room(make_settings):
 
 @pytest.mark.parametrize("when", ["mid-upload", "mid-run"])
 def test_a_client_that_vanishes_leaves_nothing_held(make_settings, when):
-    with runner_server(make_settings) as (url, app):
+    """Mid-run, the run is held until the test ends: only its client's going can end it."""
+    with runner_server(make_settings) as (url, app), held():
         service = app.state.service
         if when == "mid-upload":
             sock = connect(url, HEAD + b"Content-Type: multipart/form-data; boundary=b\r\n"
                            b"Content-Length: 100000\r\n\r\n--b\r\n" + b"x" * 1000)
         else:
-            body = (b'--b\r\nContent-Disposition: form-data; name="sleep"\r\n\r\n5\r\n'
+            body = (b'--b\r\nContent-Disposition: form-data; name="hold"\r\n\r\ntrue\r\n'
                     b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"'
                     b"\r\nContent-Type: image/png\r\n\r\n" + support.noise_png() + b"\r\n--b--\r\n")
             sock = connect(url, HEAD + b"Content-Type: multipart/form-data; boundary=b\r\n"
                            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            deadline = time.monotonic() + 10
-            while not service.executor.pending:  # the run has started
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+            wait_until(lambda: service.executor.pending, "the run to start")
         time.sleep(0.2)
         sock.close()
-        deadline = time.monotonic() + 5
-        while service.in_flight.value or service.executor.pending:
-            assert time.monotonic() < deadline, (service.in_flight.value,
-                                                 service.executor.pending)
-            time.sleep(0.05)
+        wait_until(lambda: not (service.in_flight.value or service.executor.pending),
+                   "the request to let go", step=0.05)
         assert service.cache.running_bytes == 0
         with httpx.Client(base_url=url, timeout=10) as http:
             assert http.get("/health").json() == {"status": "IDLE"}
@@ -189,7 +187,9 @@ def test_an_upload_over_the_cap_is_answered_not_reset(make_settings):
     cap = 4 << 20
     body = b"x" * (cap + (12 << 20))
     expected = b"HTTP/1.1 %d " % (413 if 413 in golivepeer.decoded("/echo-image") else 400)
-    with runner_server(make_settings, max_upload_bytes=cap) as (url, app):
+    # The drain reads the whole body (4 x the cap: its bytes bound) however slowly it comes.
+    with runner_server(make_settings, max_upload_bytes=cap,
+                       upload_drain_seconds=HANG_S) as (url, app):
         failures: list[str] = []
         for _ in range(50):
             with connect(url) as sock:
@@ -208,24 +208,20 @@ def test_an_upload_over_the_cap_is_answered_not_reset(make_settings):
 @pytest.mark.parametrize("bound", ["UPLOAD_DRAIN_SECONDS", "UPLOAD_DRAIN_BYTES"])
 def test_a_refused_endless_upload_is_cut_off(make_settings, bound):
     """A client that declares 10 GiB and keeps writing is read for UPLOAD_DRAIN_SECONDS or
-    UPLOAD_DRAIN_BYTES at most (the other set out of reach), then hung up on; nothing is left
-    held."""
+    UPLOAD_DRAIN_BYTES at most (the other set out of reach: longer than the client writes, or
+    more than it can write meanwhile), then hung up on; nothing is left held."""
     limits = (dict(upload_drain_seconds=0.5, upload_drain_bytes=1 << 40)
               if bound == "UPLOAD_DRAIN_SECONDS"
-              else dict(upload_drain_seconds=600, upload_drain_bytes=1 << 20))
+              else dict(upload_drain_seconds=10 * HANG_S, upload_drain_bytes=1 << 20))
     piece = b"x" * 65536
     with runner_server(make_settings, max_upload_bytes=64 * 1024, **limits) as (url, app):
         with connect(url, oversize_head(10 << 30)) as sock:
             started = time.monotonic()
             with pytest.raises((BrokenPipeError, ConnectionResetError)):
-                while time.monotonic() - started < 60:  # until the server hangs up
+                while time.monotonic() - started < HANG_S:  # until the server hangs up
                     sock.sendall(piece)
-            assert time.monotonic() - started < 30  # the quiet time: well under a second
         wait_idle(app.state.service)
 
 
 def wait_idle(service) -> None:
-    deadline = time.monotonic() + 10
-    while service.in_flight.value:
-        assert time.monotonic() < deadline, "a refused upload is still held"
-        time.sleep(0.05)
+    wait_until(lambda: not service.in_flight.value, "a refused upload to be let go", step=0.05)
