@@ -67,8 +67,10 @@ def health_status(url: str) -> str | None:
 
 @contextmanager
 def spawned_runner(env: dict[str, str], log: IO[str], timeout: float,
-                   ready: tuple[str, ...] = ("IDLE",), poll: float = 0.1) -> Iterator[Started]:
-    """`python -m runner` on a free loopback port with `env`, its output to `log`, yielded
+                   ready: tuple[str, ...] = ("IDLE",), poll: float = 0.1,
+                   python: str = sys.executable) -> Iterator[Started]:
+    """`python -m runner` (this interpreter, or `python`: another virtualenv's) on a free
+    loopback port with `env`, its output to `log`, yielded
     once /health says one of `ready`; stopped with SIGTERM (killed after 30 s) on leaving.
     RuntimeError if it exits or says ERROR first, TimeoutError after `timeout` s. /health is
     polled every `poll` s: each answer takes the GIL from the thread that is loading, so
@@ -76,7 +78,7 @@ def spawned_runner(env: dict[str, str], log: IO[str], timeout: float,
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "runner"], cwd=ROOT, stdout=log,
+    proc = subprocess.Popen([python, "-m", "runner"], cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT,
                             env={**env, "HOST": "127.0.0.1", "PORT": str(port)})
     try:

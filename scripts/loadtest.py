@@ -19,6 +19,15 @@ The invariants it checks, and exits 1 when one fails:
 `--spawn` starts `python -m runner` on a free loopback port with TINY=1, PIPELINE (default
 text-to-image) and MAX_QUEUE from the options, waits until /health leaves LOADING, and stops it
 at the end.
+
+`--soak` is the long run instead (scripts/soak.py): runners of every pipeline started the same
+way (text-to-speech in its own, from `.venv-tts`), 20 minutes of every pipeline's sample
+request mixed with bad inputs and clients that vanish mid-request, each runner's RSS sampled
+every 10 s; it reports RSS growth after the warm-up, the statuses per route and /health's
+latency, and fails on any 5xx other than busy.
+
+    python scripts/loadtest.py --soak                          # 20 minutes
+    python scripts/loadtest.py --soak --duration 180 --json soak.json
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from _common import spawned_runner
+from _common import ROOT, spawned_runner
 
 from runner.errors import BUSY  # how a busy 500's message starts
 
@@ -256,10 +265,11 @@ def rss_sampler(pid: int | None, results: Results, interval: float = 0.05):
 # -- a spawned runner ------------------------------------------------------------------------------
 
 @contextmanager
-def spawned(args: argparse.Namespace):
-    """A tiny-mode runner for the run: its url, pid and seconds to /health ready; its log is
-    printed when the start or the run fails, and kept with --keep-log."""
-    env = {**os.environ, "PIPELINE": args.pipeline, "TINY": "1", "DEVICE": "cpu",
+def spawned(args: argparse.Namespace, pipeline: str, python: str = sys.executable):
+    """A tiny-mode runner of `pipeline` (a name or a comma list) for the run, started by
+    `python`: its url, pid and seconds to /health ready; its log is printed when the start or
+    the run fails, and kept with --keep-log."""
+    env = {**os.environ, "PIPELINE": pipeline, "TINY": "1", "DEVICE": "cpu",
            "MAX_QUEUE": str(args.max_queue), "AUTH_TOKEN": args.token or "",
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     if args.tiny_dir:
@@ -267,7 +277,8 @@ def spawned(args: argparse.Namespace):
     log = tempfile.NamedTemporaryFile("w+", prefix="runner-loadtest-", suffix=".log",
                                       delete=False)
     try:
-        with spawned_runner(env, log, args.startup_timeout, ready=HEALTHY) as runner:
+        with spawned_runner(env, log, args.startup_timeout, ready=HEALTHY,
+                            python=python) as runner:
             yield runner.url, runner.pid, runner.ready_s
     except BaseException:
         log.seek(0)
@@ -302,14 +313,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     target.add_argument("--url", help="a running runner, e.g. http://127.0.0.1:8000")
     target.add_argument("--spawn", action="store_true",
                         help="start `python -m runner` in tiny mode on a free port")
-    parser.add_argument("--clients", type=int, default=32, help="concurrent clients")
+    target.add_argument("--soak", action="store_true",
+                        help="start tiny-mode runners of every pipeline and soak them "
+                             "(scripts/soak.py; the options below)")
+    parser.add_argument("--clients", type=int, default=None,
+                        help="concurrent clients (default 32; --soak: 3)")
     parser.add_argument("--requests", type=int, default=200, help="generate requests in all")
     parser.add_argument("--path", default="/text-to-image", help="generate route (JSON body)")
     parser.add_argument("--body", type=json.loads, default=None,
                         help="JSON body of each request (default: a 64x64 text-to-image); "
                              "`seed` is set per request")
-    parser.add_argument("--health-interval", type=float, default=0.25,
-                        help="seconds between /health polls")
+    parser.add_argument("--health-interval", type=float, default=None,
+                        help="seconds between /health polls (default 0.25; --soak: 1)")
     parser.add_argument("--health-timeout", type=float, default=5.0,
                         help="a /health poll slower than this is unanswered (go-livepeer: 5)")
     parser.add_argument("--timeout", type=float, default=300.0,
@@ -324,19 +339,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--keep-log", action="store_true", help="keep the spawned runner's log")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    soak = parser.add_argument_group("soak")
+    soak.add_argument("--duration", type=float, default=1200.0,
+                      help="seconds of load (default 20 minutes)")
+    soak.add_argument("--warmup", type=float, default=None,
+                      help="seconds before RSS growth is measured (default: a quarter of "
+                           "--duration; later if a pipeline has not served by then)")
+    soak.add_argument("--rss-interval", type=float, default=10.0,
+                      help="seconds between RSS samples of each runner")
+    soak.add_argument("--pipelines", default="all",
+                      help="pipelines to soak: all, or a comma list (text-to-speech runs in "
+                           "its own runner, from --tts-python)")
+    soak.add_argument("--tts-python", type=Path, default=ROOT / ".venv-tts" / "bin" / "python",
+                      help="the interpreter of text-to-speech's environment")
+    soak.add_argument("--max-growth", type=float, default=None,
+                      help="fail when a runner's RSS grows faster than this (MiB/h)")
+    soak.add_argument("--seed", type=int, default=0, help="the order of the requests")
     args = parser.parse_args(argv)
+    args.clients = args.clients or (3 if args.soak else 32)
+    args.health_interval = args.health_interval or (1.0 if args.soak else 0.25)
     if args.clients < 1 or args.requests < 1:
         parser.error("--clients and --requests must be at least 1")
+    if args.duration <= 0 or args.rss_interval <= 0:
+        parser.error("--duration and --rss-interval must be positive")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.soak:
+        import soak  # imports this module: not at its top
+
+        return soak.run(args)
     body = args.body if args.body is not None else DEFAULT_BODY
     results = Results()
     startup = None
     if args.spawn:
-        with spawned(args) as (url, pid, startup):
+        with spawned(args, args.pipeline) as (url, pid, startup):
             args.url = url
             with rss_sampler(pid, results):
                 asyncio.run(run_load(args, body, results))
