@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.helpers import patient
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "bench.py"
 
@@ -22,7 +24,7 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def bench(*args: str, tiny_dir: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+def bench(*args: str, tiny_dir: Path, timeout: float) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TINY_DIR": str(tiny_dir), "DEVICE": "cpu",
            "TINY": "1"}
     return subprocess.run([sys.executable, str(BENCH), *args], env=env, cwd=ROOT,
@@ -32,7 +34,8 @@ def bench(*args: str, tiny_dir: Path, timeout: float = 120) -> subprocess.Comple
 def test_tiny_text_to_image_writes_stages_to_json(tmp_path):
     out = tmp_path / "bench.json"
     result = bench("--pipeline", "text-to-image", "--requests", "1", "--json", str(out),
-                   "--cache", "--ready", "1", tiny_dir=tmp_path / "tiny", timeout=240)
+                   "--cache", "--ready", "1", tiny_dir=tmp_path / "tiny",
+                   timeout=patient(45))  # 44 s on a quiet machine
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| text-to-image |" in result.stdout  # the Markdown table
     report = json.loads(out.read_text())
@@ -60,7 +63,7 @@ def test_tiny_text_to_image_writes_stages_to_json(tmp_path):
 
 @pytest.mark.skipif("cuda_available()", reason="checks the refusal on a machine without CUDA")
 def test_full_size_refuses_without_cuda(tmp_path):
-    result = bench("--full-size", tiny_dir=tmp_path / "tiny", timeout=60)
+    result = bench("--full-size", tiny_dir=tmp_path / "tiny", timeout=patient(4))  # 3.5 s
     assert result.returncode != 0
     assert "--full-size" in result.stderr and "GPU" in result.stderr and "--force" in result.stderr
     assert not (tmp_path / "tiny").exists()  # refused before building or serving anything
