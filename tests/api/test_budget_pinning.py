@@ -171,3 +171,30 @@ def test_real_pipelines_on_the_smallest_budget_that_serves_them_answer_default_r
                     files={"image": ("a.png", png_bytes(512, 512), "image/png")})
     assert r.status_code == 200, r.text
     assert client.get("/health").json() == {"status": "IDLE"}
+
+
+def test_working_memory_follows_the_model_in_hand_and_models_shows_it(tiny_dir):
+    """Issue 24: a tiny 8 MiB model's 64x64 run reserved 24 MiB, the figure of a real SDXL;
+    the estimate now comes from the model's own config (its channels), and /models shows the
+    last run's estimate, reservation and (on the CPU: unknown) measured peak."""
+    from pipelines import text_to_image
+    from runner.hub import ModelFiles
+    from runner.registry import Registry
+    from runner.settings import Settings
+    from tests.conftest import serving
+
+    with serving("text-to-image", tiny_dir) as client:
+        r = client.post("/text-to-image", json={"prompt": "a cat", "width": 64, "height": 64,
+                                                "num_inference_steps": 1})
+        assert r.status_code == 200, r.text
+        models = client.get("/models").json()
+    entry = Registry.load(Settings().models_file).default("text-to-image")
+    (listed,) = [m for m in models["models"] if m["id"] == entry.id]
+    tiny = listed["working_memory"]
+    assert 0 < tiny["estimated_bytes"] < 8 << 20
+    assert tiny["reserved_bytes"] == tiny["estimated_bytes"] and tiny["measured_bytes"] is None
+    request = text_to_image.TextToImageParams(prompt="a cat", width=64, height=64)
+    real = text_to_image.working_memory(entry, ModelFiles(tiny_dir / "absent", entry.id),
+                                        request, 4)  # no config: the real model's widths
+    assert real >= 3 * tiny["estimated_bytes"]
+    assert models["default_requests"]["text-to-image"]["reserved_bytes"] > 0
