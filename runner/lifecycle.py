@@ -16,7 +16,7 @@ import anyio
 from filelock import FileLock
 from pydantic import BaseModel
 
-from runner import checkpoints, footprint, hardware, safety, sample, warm
+from runner import checkpoints, footprint, hardware, heap, safety, sample, warm
 from runner import device as devices
 from runner.cache import Loader, ModelCache
 from runner.errors import ModelLoadError, RunnerError
@@ -277,7 +277,8 @@ class Models:
         those the budget can hold beside the others' turns: /health says LOADING until they
         are resident, ERROR if one failed. Then keep checking every HEALTH_PROBE_SECONDS: a
         warm model that failed is retried, and a daemon that went away (or came back) shows
-        in /health."""
+        in /health; memory the process freed meanwhile goes back to the system
+        (runner/heap.py)."""
         if self.device.is_cuda:
             await anyio.to_thread.run_sync(devices.configure_for_cuda)
         if self.tiny:
@@ -289,6 +290,7 @@ class Models:
                 return
             await asyncio.sleep(self.settings.health_probe_seconds)
             await self.cache.rebalance()
+            await anyio.to_thread.run_sync(heap.trim)
 
     async def _probe(self) -> None:
         try:
