@@ -31,12 +31,14 @@ T = TypeVar("T")
 class Lane:
     key: str
     concurrency: int
+    model: str = ""  # its model's id, as metrics and the log name it (default: the key)
     limiter: anyio.Semaphore = field(init=False)
     pending: int = 0  # admitted: waiting or running
     mean_seconds: float = 1.0  # exponential average of service time
 
     def __post_init__(self) -> None:
         self.limiter = anyio.Semaphore(self.concurrency)
+        self.model = self.model or self.key
 
     def retry_after(self) -> int:
         return max(1, math.ceil(self.mean_seconds * self.pending / self.concurrency))
@@ -57,14 +59,15 @@ class Executor:
         return sum(lane.pending for lane in self._lanes.values())
 
     @asynccontextmanager
-    async def admit(self, key: str, concurrency: int) -> AsyncIterator[Lane]:
-        lane = self._lanes.setdefault(key, Lane(key, concurrency))
+    async def admit(self, key: str, concurrency: int, model: str = "") -> AsyncIterator[Lane]:
+        """A place in lane `key` (`model`: the id its busy answers are counted under)."""
+        lane = self._lanes.setdefault(key, Lane(key, concurrency, model))
         if lane.pending >= lane.concurrency + self.max_queue:
-            raise Busy(key, BusyReason.QUEUE_FULL,
+            raise Busy(lane.model, BusyReason.QUEUE_FULL,
                        f"{key} has {lane.pending} requests queued; retry later",
                        retry_after=lane.retry_after())
         if self.max_total is not None and self.pending >= self.max_total:
-            raise Busy(key, BusyReason.RUNNER_FULL,
+            raise Busy(lane.model, BusyReason.RUNNER_FULL,
                        f"this runner has {self.pending} requests in hand; retry later",
                        retry_after=self._retry_after())
         lane.pending += 1
@@ -96,7 +99,7 @@ class Executor:
         with anyio.move_on_after(timeout) as scope:
             await lane.limiter.acquire()
         if scope.cancelled_caught:
-            raise Busy(lane.key, BusyReason.DEADLINE,
+            raise Busy(lane.model, BusyReason.DEADLINE,
                        f"{lane.key}: the request's queue deadline passed before its turn",
                        retry_after=lane.retry_after())
         started = time.monotonic()

@@ -114,7 +114,8 @@ class Models:
         while self._deferred:
             entry = self._deferred.pop(0)
             try:
-                async with executor.admit(ModelCache.key(entry), entry.max_concurrency) as lane:
+                async with executor.admit(ModelCache.key(entry), entry.max_concurrency,
+                                          entry.id) as lane:
                     async with executor.turn(lane), self.cache.use(entry) as model:
                         await executor.call(self._compile, model, entry)
             except Exception as exc:  # the model still serves, uncompiled where it failed

@@ -154,7 +154,8 @@ class Service:
         deadline = time.monotonic() + timeout if timeout > 0 else None
         async with AsyncExitStack() as stack:
             lane = await stack.enter_async_context(
-                self.executor.admit(ModelCache.key(entry), entry.max_concurrency))
+                self.executor.admit(ModelCache.key(entry), entry.max_concurrency,
+                                    entry.id))
             model = await stack.enter_async_context(self.cache.use(entry, deadline))
             checker = None
             if spec.wants_safety_check(request):

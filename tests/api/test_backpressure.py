@@ -15,7 +15,7 @@ from tests.support.helpers import hook_replaced
 
 PNG = ("a.png", png_bytes(), "image/png")
 FLOOD = 32  # concurrent requests while the model's only place is taken
-LANE = "echo-image:test/echo-small"  # the echo pipeline's default model, as its lane names it
+LANE = "test/echo-small"  # the echo pipeline's default model: labels name models by id
 
 
 def rejected(model: str, reason: str) -> float:
