@@ -235,7 +235,10 @@ class Models:
             if entry.id not in self._estimates:
                 self._estimates[entry.id] = await anyio.to_thread.run_sync(self._estimate,
                                                                            entry)
-        plan = await anyio.to_thread.run_sync(self._fit)
+        # The default requests' estimates read configs and encode sample uploads: off the
+        # loop, once. The plan itself reads the cache's state, so it is made on the loop.
+        await anyio.to_thread.run_sync(self._default_runs_estimated)
+        plan = self._fit()
         if plan.unservable:
             raise ModelLoadError("; ".join(why for _, why in plan.problems(self.cache.budget)))
         return plan
@@ -254,6 +257,10 @@ class Models:
                             self.cache.working_bytes(entry, self._default_run(spec, entry))[0])
                 for name, spec in self.specs.items()
                 for entry in [self.registry.default(name)]]
+
+    def _default_runs_estimated(self) -> None:
+        for name, spec in self.specs.items():
+            self._default_run(spec, self.registry.default(name))
 
     def _default_run(self, spec: PipelineSpec, entry: ModelEntry) -> int:
         """The working-memory estimate of the pipeline's default-sized request (its sample at
