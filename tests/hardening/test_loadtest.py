@@ -34,18 +34,24 @@ def loadtest_module():
     return sys.modules["loadtest"]
 
 
-def test_spawned_runner_under_load_answers_every_request(hardening_dir, tmp_path):
-    out = tmp_path / "loadtest.json"
-    # Every /health poll must be answered, however slowly this machine answers it (the 5 s
-    # go-livepeer allows is the script's default, for a runner on its own machine).
+def run_script(tmp_path, *args: str) -> tuple[dict, str]:
+    """scripts/loadtest.py with `args`, its /health polls given as long as a hang allows: it
+    must exit 0; its JSON report and what it printed."""
+    out = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--spawn", "--clients", "24", "--requests", "48",
-         "--max-queue", "2", "--health-interval", "0.1", "--health-timeout", str(HANG_S),
-         "--tiny-dir", str(hardening_dir), "--json", str(out)],
+        [sys.executable, str(SCRIPT), *args, "--health-timeout", str(HANG_S), "--json", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    summary = json.loads(out.read_text())
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_spawned_runner_under_load_answers_every_request(hardening_dir, tmp_path):
+    # Every /health poll must be answered, however slowly this machine answers it (the 5 s
+    # go-livepeer allows is the script's default, for a runner on its own machine).
+    summary, _ = run_script(tmp_path, "--spawn", "--clients", "24", "--requests", "48",
+                         "--max-queue", "2", "--health-interval", "0.1",
+                         "--tiny-dir", str(hardening_dir))
     statuses = {int(k): v for k, v in summary["statuses"].items()}
     # Busy is the 500 "insufficient capacity" go-livepeer's client reads (the script counts
     # only those 500s as answers: any other is a failure, and the run did not fail).
@@ -172,15 +178,9 @@ def test_a_short_soak_of_a_spawned_runner_passes(hardening_dir, tmp_path):
     """The real runner answers the mix as the soak expects (results, 4xx for every bad input,
     vanishing clients released: IDLE after), and the report says so. The soak always finishes
     its first round, however slow the machine."""
-    out = tmp_path / "soak.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--soak", "--duration", "2", "--warmup", "0",
-         "--rss-interval", "1", "--pipelines", "text-to-image", "--health-timeout", str(HANG_S),
-         "--tiny-dir", str(hardening_dir), "--json", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    print(proc.stdout)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    summary = json.loads(out.read_text())
+    summary, printed = run_script(tmp_path, "--soak", "--duration", "2", "--warmup", "0",
+                         "--rss-interval", "1", "--pipelines", "text-to-image",
+                         "--tiny-dir", str(hardening_dir))
     assert summary["passed"] and summary["other_5xx"] == 0
     assert summary["rounds"] >= 1 and summary["first_round_done_at_s"] is not None
     counts = summary["by_route"]["/text-to-image"]
@@ -188,7 +188,7 @@ def test_a_short_soak_of_a_spawned_runner_passes(hardening_dir, tmp_path):
     assert {int(k.split()[0]) for k in counts["bad"]} <= set(range(400, 500)), counts
     main = summary["runners"]["main"]
     assert main["idle_after_s"] is not None and len(main["rss"]["samples"]) >= 2
-    assert "| main | 1 |" in proc.stdout  # the Markdown table
+    assert "| main | 1 |" in printed  # the Markdown table
 
 
 def fake_runner(fail_every: int = 0) -> FastAPI:
