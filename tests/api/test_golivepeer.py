@@ -290,7 +290,9 @@ def twin_module() -> types.ModuleType:
 
 
 def two_pipelines(folder: Path) -> Path:
-    """echo-image with two models (echo-a the default), echo-twin with one."""
+    """echo-image with two models (echo-a the default), echo-twin with one. Their 4 kB
+    checkpoints go to a tiny folder of their own: the session's holds echo_models.yaml's
+    400 kB echo-a and echo-b, whose sizes the eviction tests count on."""
     def echo(model_id: str) -> dict:
         return {"id": model_id, "kind": "echo", "options": {"bytes": 4096}}
 
@@ -310,7 +312,8 @@ def test_every_pipeline_and_model_of_a_multi_pipeline_runner_advertises_its_vers
     version go-livepeer advertises for each is the runner's, and each URL serves its jobs.
     Listed at the root, as before, the comma-joined names match no entry."""
     settings = make_settings(pipeline=f"{echo_pipeline.NAME},{TWIN}",
-                             models_file=two_pipelines(tmp_path))
+                             models_file=two_pipelines(tmp_path),
+                             tiny_dir=tmp_path / "tiny")
     server = live_server(create_app(settings, {echo_pipeline.NAME: echo_pipeline,
                                                TWIN: twin_module()}))
     base = server.url
@@ -345,7 +348,8 @@ def test_every_pipeline_and_model_of_a_multi_pipeline_runner_advertises_its_vers
 def test_a_mistyped_pipeline_url_fails_go_livepeers_first_health_check(live_server,
                                                                        make_settings, tmp_path):
     settings = make_settings(pipeline=f"{echo_pipeline.NAME},{TWIN}",
-                             models_file=two_pipelines(tmp_path))
+                             models_file=two_pipelines(tmp_path),
+                             tiny_dir=tmp_path / "tiny")
     server = live_server(create_app(settings, {echo_pipeline.NAME: echo_pipeline,
                                                TWIN: twin_module()}))
     typo = {"pipeline": TWIN, "model_id": "test/twin", "url": f"{server.url}/pipelines/echo-twn"}
