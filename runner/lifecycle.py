@@ -253,32 +253,30 @@ class Models:
 
     def demands(self) -> list[warm.Demand]:
         checker = self.registry.safety_checker
-        return [warm.Demand(name, entry, checker if spec.checks_safety else None,
-                            self.cache.working_bytes(entry, self._default_run(spec, entry))[0])
-                for name, spec in self.specs.items()
-                for entry in [self.registry.default(name)]]
+        return [warm.Demand(name, self.registry.default(name),
+                            checker if spec.checks_safety else None, self.default_reserve(name))
+                for name, spec in self.specs.items()]
+
+    def default_reserve(self, name: str) -> int:
+        """What admission reserves now for pipeline `name`'s default-sized request of its
+        default model: the estimate, corrected by the peaks measured on CUDA."""
+        entry = self.registry.default(name)
+        return self.cache.working_bytes(entry, self._default_run(name))[0]
 
     def _default_runs_estimated(self) -> None:
-        for name, spec in self.specs.items():
-            self._default_run(spec, self.registry.default(name))
+        for name in self.specs:
+            self._default_run(name)
 
-    def _default_run(self, spec: PipelineSpec, entry: ModelEntry) -> int:
-        """The working-memory estimate of the pipeline's default-sized request (its sample at
-        the default scale, uploads included) on its default model; estimated once."""
-        if spec.name not in self._default_runs:
+    def _default_run(self, name: str) -> int:
+        """The working-memory estimate of pipeline `name`'s default-sized request (its sample
+        at the default scale, uploads included) on its default model; estimated once."""
+        if name not in self._default_runs:
+            spec, entry = self.specs[name], self.registry.default(name)
             example = spec.sample_request(sample.Scale()) if spec.sample_request else None
             request = sample.default_request(spec.request, example,
                                              {**entry.defaults, **entry.fixed})
-            self._default_runs[spec.name] = self.working_memory(spec, entry, request)
-        return self._default_runs[spec.name]
-
-    def default_run_bytes(self, entry: ModelEntry) -> int | None:
-        """What admission reserves now for the default-sized request of the pipeline whose
-        default model `entry` is (None for other models), for /models."""
-        spec = self.specs.get(entry.pipeline)
-        if spec is None or self.registry.default(spec.name) != entry:
-            return None
-        return self.cache.working_bytes(entry, self._default_run(spec, entry))[0]
+            self._default_runs[name] = self.working_memory(spec, entry, request)
+        return self._default_runs[name]
 
     async def warm_up(self, executor: Executor) -> None:
         """Load and pin every served pipeline's default model (and the safety checker), or

@@ -104,11 +104,12 @@ class Service:
     def on_demand(self) -> list[ModelEntry]:
         return self.models.on_demand()
 
-    def default_requests(self) -> dict[str, dict[str, int | str | None]]:
+    def default_requests(self) -> dict[str, dict[str, int | str]]:
         """Per served pipeline: its default model and the working memory admission reserves
         now for a default-sized request of it (the estimate, corrected by measured peaks)."""
-        return {name: {"model": entry.id, "reserved_bytes": self.models.default_run_bytes(entry)}
-                for name in self.specs for entry in [self.registry.default(name)]}
+        return {name: {"model": self.registry.default(name).id,
+                       "reserved_bytes": self.models.default_reserve(name)}
+                for name in self.specs}
 
     @property
     def ready(self) -> bool:
