@@ -178,6 +178,11 @@ def answer(request: Request, status: int, msg: str,
     return JSONResponse(error_body(msg), status_code=status, headers=headers)
 
 
+def is_failure(exc: RunnerError) -> bool:
+    """What an operator must act on (logged at ERROR): a 5xx that is not backpressure."""
+    return exc.status_code >= 500 and not isinstance(exc, Busy)
+
+
 def _runner_error(request: Request, exc: RunnerError,
                   on_busy: Callable[[Busy], None]) -> Response:
     """Busy answers go to `on_busy` (counted, logged at most now and then); a failure an
@@ -188,7 +193,7 @@ def _runner_error(request: Request, exc: RunnerError,
                                            "type": exc.type}])
     if isinstance(exc, Busy):
         on_busy(exc)
-    elif exc.status_code >= 500:
+    elif is_failure(exc):
         log.error("%s: %s", type(exc).__name__, exc.msg, exc_info=exc.__cause__)
     return answer(request, exc.status_code, exc.msg, exc.headers)
 

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
-from runner.errors import Busy, RunnerError
+from runner.errors import RunnerError, is_failure
 from runner.executor import as_runner_error
 from runner.protocol import StreamChunk
 from runner.service import Service
@@ -64,8 +64,7 @@ async def stream_events(service: Service, spec: PipelineSpec, request: BaseModel
         except Exception as exc:  # the stream has started: end it in-band, log why
             error = as_runner_error(exc)
             # ERROR only for what an operator must act on; busy or a client's mistake is INFO
-            level = logging.ERROR if error.status_code >= 500 and not isinstance(error, Busy) \
-                else logging.INFO
+            level = logging.ERROR if is_failure(error) else logging.INFO
             log.log(level, "stream of %s failed after it started: %s", spec.name, error.msg,
                     exc_info=exc if error is not exc else None)
             yield {"data": failed(last, error)}
