@@ -199,12 +199,12 @@ def working_memory(entry: ModelEntry, files: ModelFiles, request: Any, float_byt
     channels (config.json, or the official format's yaml)."""
     found = wm.model_config(files, entry.main.repo, entry.main.revision)
     if not found:
-        try:
-            folder = files.folder(entry.main.repo, entry.main.revision)
+        try:  # the yaml the official loader reads (options.config, or the only one)
+            yaml = one_file(files.folder(entry.main.repo, entry.main.revision), "*.yaml",
+                            Options.of(entry).config)
         except ModelLoadError:
-            folder = None
-        yamls = sorted(folder.glob("*.yaml")) if folder is not None else []
-        found = wm.config(folder, yamls[0].name) if folder is not None and yamls else {}
+            yaml = None
+        found = wm.config(yaml.parent, yaml.name) if yaml is not None else {}
     side = wm.width(found, 1024, "image_size", "vision_config.backbone_config.image_size",
                     "model.image_size")
     channels = wm.width(found, 144, "vision_config.backbone_config.hidden_size",
