@@ -16,11 +16,11 @@ process, cache and queues: only the names differ. The root is untouched.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runner.errors import error_body
@@ -71,19 +71,16 @@ class PipelineViews:
             return
         base = self.match(path)
         if base is None:
-            await self._not_found(path, send)
+            await self._not_found(scope, receive, send)
             return
         rest = path[len(base):]
         await self.app({**scope, "path": rest, "raw_path": rest.encode(),
                         SCOPE_KEY: self.views[base]}, receive, send)
 
-    async def _not_found(self, path: str, send: Send) -> None:
+    async def _not_found(self, scope: Scope, receive: Receive, send: Send) -> None:
         bases = sorted({f"{PREFIX}/{view.pipeline}" for view in self.views.values()})
-        body = json.dumps(error_body(
-            f"{path} is under no served pipeline: this runner answers under "
-            f"{', '.join(bases)}, each optionally followed by one of its listed model ids"
-        )).encode()
-        await send({"type": "http.response.start", "status": 404,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        answer = JSONResponse(error_body(
+            f"{scope['path']} is under no served pipeline: this runner answers under "
+            f"{', '.join(bases)}, each optionally followed by one of its listed model ids"),
+            status_code=404)
+        await answer(scope, receive, send)
